@@ -1,0 +1,1 @@
+"""The sans-IO verification core: no web framework, no asyncio, no sockets."""

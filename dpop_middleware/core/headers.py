@@ -1,0 +1,122 @@
+"""Reading ``Authorization`` and ``DPoP``; writing ``WWW-Authenticate``.
+
+RFC 9449 figure 12: ``credentials = "DPoP" 1*SP token68``; the auth-scheme is case-insensitive
+(RFC 9110 section 11.1). The ``DPoP`` header value is a token68 compact JWS (figure 3).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dpop_middleware.core.request import RequestInfo
+from dpop_middleware.errors import (
+    DPoPError,
+    InvalidDPoPProofError,
+    InvalidRequestError,
+    MissingCredentialsError,
+)
+
+# RFC 9110 section 11.2: token68 = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z0-9!#$%&'*+\-.^_`|~]+)(?: +(?P<token>\S+))? *")
+# RFC 6750 section 3: error_description is %x20-21 / %x23-5B / %x5D-7E.
+_DESCRIPTION_BAD = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    scheme: str  # "dpop" or "bearer" (lower-cased)
+    token: str
+    proof: str | None
+
+
+def read_credentials(
+    request: RequestInfo, *, max_token_size: int, max_proof_size: int
+) -> Credentials:
+    """Find the access token and the DPoP proof, refusing every ambiguous combination.
+
+    * more than one ``Authorization`` header, or a token in the query as well: 400
+      ``invalid_request`` (RFC 6750 section 2, RFC 9449 figure 19);
+    * more than one ``DPoP`` header, or a comma in its value (a WSGI server joins repeated
+      headers with commas, and a compact JWS has none): 401 ``invalid_dpop_proof`` (RFC 9449
+      section 4.3 step 1);
+    * no usable credentials: 401 without an error code (RFC 6750 section 3.1).
+    """
+    auth = request.header_values("authorization")
+    proofs = request.header_values("dpop")
+    in_query = _query_has_token(request.query_string)
+    if len(auth) > 1 or (auth and in_query):
+        raise InvalidRequestError(
+            "multiple_auth_methods", "Multiple methods used to include access token", scheme="both"
+        )
+    if in_query:
+        raise InvalidRequestError(
+            "token_in_query", "Access tokens in the query are not accepted", scheme="both"
+        )
+    if not auth:
+        raise MissingCredentialsError("no_credentials", "No access token")
+    match = _CREDENTIALS.fullmatch(auth[0])
+    if match is None:
+        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
+    scheme = match.group("scheme").lower()
+    token = match.group("token")
+    if scheme not in ("dpop", "bearer"):
+        raise MissingCredentialsError("unsupported_scheme", "Unsupported authorization scheme")
+    if token is None:
+        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
+    if len(token) > max_token_size:
+        raise InvalidRequestError("token_too_large", "Access token too large")
+    if _TOKEN68.fullmatch(token) is None:
+        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
+
+    proof: str | None = None
+    if len(proofs) > 1 or (proofs and "," in proofs[0]):
+        raise InvalidDPoPProofError("multiple_proofs", "More than one DPoP header")
+    if proofs:
+        proof = proofs[0].strip()
+        if len(proof) > max_proof_size:
+            raise InvalidDPoPProofError("proof_too_large", "DPoP proof too large")
+    return Credentials(scheme, token, proof)
+
+
+def _query_has_token(query: str) -> bool:
+    if "access_token" not in query:
+        return False
+    return any(part.split("=", 1)[0] == "access_token" for part in query.split("&"))
+
+
+def _quote(value: str) -> str:
+    return '"' + _DESCRIPTION_BAD.sub("?", value) + '"'
+
+
+def challenge(
+    error: DPoPError | None,
+    *,
+    algs: str,
+    realm: str | None = None,
+    bearer: bool = False,
+) -> str:
+    """The ``WWW-Authenticate`` value for a refusal (RFC 9449 sections 7.1 and 7.2).
+
+    Without an error (no credentials), no ``error`` parameter (figures 15 and 17). With Bearer
+    also offered, the error goes on the challenge of the scheme that was used (figure 18), or on
+    both when that cannot be told (figure 19). ``algs`` is always on the DPoP challenge.
+    """
+    params: list[str] = []
+    if realm is not None:
+        params.append(f"realm={_quote(realm)}")
+    code = error.error if error is not None else None
+    err_params: list[str] = []
+    if code is not None and error is not None:
+        err_params = [f"error={_quote(code)}", f"error_description={_quote(error.description)}"]
+    on_dpop = error is not None and error.scheme in ("DPoP", "both")
+    on_bearer = error is not None and error.scheme in ("Bearer", "both")
+    dpop = ", ".join(
+        [*params, *(err_params if on_dpop or not bearer else []), f"algs={_quote(algs)}"]
+    )
+    if not bearer:
+        return f"DPoP {dpop}"
+    bearer_params = ", ".join([*params, *(err_params if on_bearer else [])])
+    bearer_part = f"Bearer {bearer_params}" if bearer_params else "Bearer"
+    return f"{bearer_part}, DPoP {dpop}"

@@ -1,0 +1,226 @@
+"""The request's ``htu``: which URI the client must have signed, and RFC 3986 normalisation.
+
+Trust rules, before any code:
+
+* By default the URI is built from what the server itself saw: the scheme of the connection, the
+  ``Host`` header (validated against the RFC 3986 host grammar first, so a value like
+  ``evil.example/path?`` or ``a@b`` can never produce a matching ``htu``), the mount prefix
+  (``root_path`` / ``SCRIPT_NAME``) and the path.
+* ``public_url`` fixes scheme, host and prefix for every request; the request cannot change them.
+* ``Forwarded`` / ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` / ``X-Forwarded-Prefix`` are
+  believed only when the directly connected peer is in ``trusted_proxies``; from anyone else they
+  are ignored. When a header carries a list, the last element (the one the trusted proxy itself
+  added) is used.
+
+Normalisation (RFC 9449 section 4.3 step 9 points to RFC 3986 sections 6.2.2 and 6.2.3): scheme
+and host lower-cased, the default or an empty port dropped, percent-escapes upper-cased and the
+unreserved ones decoded, dot-segments removed, an empty path made ``/``. The path keeps its case
+and its trailing slash. Query and fragment are ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from urllib.parse import quote
+
+from dpop_middleware.core.request import RequestInfo
+from dpop_middleware.errors import InvalidDPoPProofError, InvalidRequestError
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+# RFC 3986 section 3.2.2, restricted to what a real HTTP host is: a DNS name, IPv4, or an IPv6
+# literal in brackets; then an optional port.
+_HOST_RE = re.compile(
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9])?)(?::(?P<port>[0-9]{0,5}))?"
+)
+_URI_RE = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)"
+)
+_PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Characters a path may hold as they are (RFC 3986 pchar + "/"), plus "%" for escapes.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+
+
+def _pct(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4."""
+    out: list[str] = []
+    while path:
+        if path.startswith("../"):
+            path = path[3:]
+        elif path.startswith("./") or path.startswith("/./"):
+            path = path[2:]
+        elif path == "/.":
+            path = "/"
+        elif path.startswith("/../"):
+            path = path[3:]
+            if out:
+                out.pop()
+        elif path == "/..":
+            path = "/"
+            if out:
+                out.pop()
+        elif path in (".", ".."):
+            path = ""
+        else:
+            start = 1 if path.startswith("/") else 0
+            end = path.find("/", start)
+            end = len(path) if end == -1 else end
+            out.append(path[:end])
+            path = path[end:]
+    return "".join(out)
+
+
+def normalize_path(path: str) -> str:
+    """Percent-encoding and dot-segment normalisation of a path (case and trailing slash kept)."""
+    # Encode whatever is not allowed as-is (spaces, non-ASCII) the way a client would, keep
+    # existing escapes, then normalise the escapes (RFC 3986 section 6.2.2.2).
+    path = quote(path, safe=_PATH_SAFE)
+    path = _PCT_RE.sub(_pct, path)
+    path = remove_dot_segments(path)
+    return path or "/"
+
+
+def split_host(value: str) -> tuple[str, str | None]:
+    """Validate a ``Host``-like value; return (lower-cased host, port or None). ValueError if bad."""
+    match = _HOST_RE.fullmatch(value)
+    if match is None:
+        raise ValueError("not a valid host")
+    host = match.group("host").lower()
+    if host.startswith("["):
+        ipaddress.IPv6Address(host[1:-1])  # raises ValueError
+    return host, match.group("port")
+
+
+def _authority(scheme: str, host_value: str) -> str:
+    host, port = split_host(host_value)
+    if port and int(port) > 65535:
+        raise ValueError("port out of range")
+    if not port or port.lstrip("0") == _DEFAULT_PORTS.get(scheme, "").lstrip("0"):
+        return host
+    return f"{host}:{int(port)}"
+
+
+def normalize_uri(uri: str) -> str:
+    """Normalise an absolute http(s) URI for comparison, dropping query and fragment.
+
+    Raises ValueError for anything that is not an absolute http(s) URI with a valid host and no
+    user information.
+    """
+    match = _URI_RE.match(uri)
+    if match is None:
+        raise ValueError("not an absolute URI")
+    scheme = match.group("scheme").lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError("not an http(s) URI")
+    authority = _authority(scheme, match.group("authority"))
+    return f"{scheme}://{authority}{normalize_path(match.group('path'))}"
+
+
+def normalize_base_url(url: str) -> tuple[str, str, str]:
+    """Split a ``public_url`` into (scheme, authority, prefix without trailing slash)."""
+    if "?" in url or "#" in url:
+        raise ValueError("query or fragment")
+    normal = normalize_uri(url)
+    scheme, rest = normal.split("://", 1)
+    slash = rest.find("/")
+    return scheme, rest[:slash], rest[slash:].rstrip("/")
+
+
+def _last(value: str) -> str:
+    return value.rsplit(",", 1)[-1].strip()
+
+
+def _forwarded(value: str) -> dict[str, str]:
+    """The last element of an RFC 7239 ``Forwarded`` header, as a dict of lower-cased keys."""
+    out: dict[str, str] = {}
+    for pair in _last(value).split(";"):
+        name, sep, val = pair.partition("=")
+        if sep:
+            out[name.strip().lower()] = val.strip().strip('"')
+    return out
+
+
+def _trusted(
+    ip: str | None, proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    if not ip or not proxies:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in proxies)
+
+
+def request_htu(
+    request: RequestInfo,
+    *,
+    public_url: tuple[str, str, str] | None,
+    trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> str:
+    """The normalised URI this request was sent to, as the client should have put it in ``htu``."""
+    if public_url is not None:
+        scheme, authority, prefix = public_url
+        return f"{scheme}://{authority}{normalize_path(prefix + request.path)}"
+
+    scheme = request.scheme.lower()
+    host_values = request.header_values("host")
+    if len(host_values) > 1:
+        raise InvalidRequestError("invalid_host", "More than one Host header")
+    host = host_values[0] if host_values else None
+    prefix = request.root_path
+
+    if _trusted(request.client_ip, trusted_proxies):
+        fwd_values = request.header_values("forwarded")
+        if fwd_values:
+            fwd = _forwarded(fwd_values[-1])
+            scheme = fwd.get("proto", scheme).lower()
+            host = fwd.get("host", host)
+        else:
+            proto = request.header_values("x-forwarded-proto")
+            if proto:
+                scheme = _last(proto[-1]).lower()
+            fhost = request.header_values("x-forwarded-host")
+            if fhost:
+                host = _last(fhost[-1])
+        fprefix = request.header_values("x-forwarded-prefix")
+        if fprefix:
+            prefix = _last(fprefix[-1]).rstrip("/")
+
+    if scheme not in _DEFAULT_PORTS:
+        raise InvalidRequestError("invalid_host", "Unsupported request scheme")
+    if host is None and request.server is not None:
+        name, port = request.server
+        host = name if port is None else f"{name}:{port}"
+    if not host:
+        raise InvalidRequestError("invalid_host", "The request has no Host header")
+    try:
+        authority = _authority(scheme, host)
+    except ValueError:
+        raise InvalidRequestError(
+            "invalid_host", "The Host header is not a valid host", log_detail=f"host={host[:100]!r}"
+        ) from None
+    return f"{scheme}://{authority}{normalize_path(prefix + request.path)}"
+
+
+def check_htu(claimed: str, expected: str) -> None:
+    """RFC 9449 section 4.3 step 9: ``htu`` matches the request URI, query and fragment ignored."""
+    try:
+        normal = normalize_uri(claimed)
+    except ValueError:
+        raise InvalidDPoPProofError(
+            "htu_invalid", "DPoP proof htu is not an absolute http(s) URI"
+        ) from None
+    if normal != expected:
+        raise InvalidDPoPProofError(
+            "htu_mismatch",
+            "DPoP proof htu does not match the request URI",
+            log_detail=f"expected htu={expected[:300]!r} received htu={normal[:300]!r}",
+        )

@@ -1,0 +1,50 @@
+"""Strict, small JOSE parsing helpers shared by the proof and token checks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+#: A compact JWS: three base64url segments (RFC 7515 section 7.1), nothing else.
+COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+class MalformedError(ValueError):
+    pass
+
+
+def b64decode(segment: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedError("bad base64url") from exc
+
+
+def b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise MalformedError("duplicate member")  # RFC 7515 section 5.2 step 4 / RFC 7519
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise MalformedError(f"{name} is not JSON")
+
+
+def json_object(segment: str) -> dict[str, Any]:
+    """Decode a base64url JSON object segment; MalformedError for anything else."""
+    raw = b64decode(segment)
+    try:
+        value = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedError("bad JSON") from exc
+    if not isinstance(value, dict):
+        raise MalformedError("not a JSON object")
+    return value

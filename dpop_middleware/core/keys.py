@@ -1,0 +1,266 @@
+"""Keys: proof keys from the ``jwk`` header, and the issuer's JWK Set for access tokens.
+
+joserfc imports and validates keys and computes RFC 7638 thumbprints. On the hot path we keep what
+it gives us (the ``cryptography`` public key object and the thumbprint) in bounded LRU caches and
+verify signatures with that object directly: importing a key costs about half a signature check,
+and a client sends the same key on every request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+#: RFC 7517/7518 members that only a private (or symmetric) key has (RFC 9449 section 4.2).
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+MIN_RSA_BITS = 2048
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
+}  # fmt: skip
+_EC_CURVES = {"ES256": ("P-256", 32), "ES384": ("P-384", 48), "ES512": ("P-521", 66)}
+
+
+class UnusableKeyError(ValueError):
+    """A ``jwk`` that cannot be used with the ``alg`` (wrong type, curve, size, or malformed)."""
+
+
+class LRU(Generic[K, V]):
+    """A small bounded LRU map (not thread-safe by itself; races only cost a recomputation)."""
+
+    __slots__ = ("_data", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._data: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        data = self._data
+        value = data.get(key)
+        if value is not None:
+            with contextlib.suppress(KeyError):  # removed by another thread in between
+                data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if self._size <= 0:
+            return
+        data = self._data
+        data[key] = value
+        data.move_to_end(key)
+        while len(data) > self._size:
+            try:
+                data.popitem(last=False)
+            except KeyError:
+                break
+
+    def pop(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+Verify = Callable[[bytes, bytes], bool]
+
+
+def _ec_verifier(key: ec.EllipticCurvePublicKey, size: int, alg: str) -> Verify:
+    algorithm = ec.ECDSA(_HASHES[alg[2:]]())
+
+    def verify(data: bytes, sig: bytes) -> bool:
+        # JWS carries R || S of fixed size (RFC 7518 section 3.4); cryptography wants DER.
+        if len(sig) != 2 * size:
+            return False
+        der = encode_dss_signature(
+            int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
+        )
+        try:
+            key.verify(der, data, algorithm)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+def _rsa_verifier(key: rsa.RSAPublicKey, alg: str) -> Verify:
+    hash_cls = _HASHES[alg[2:]]
+    pad: padding.AsymmetricPadding
+    if alg.startswith("PS"):
+        # RFC 7518 section 3.5: MGF1 with the same hash, salt as long as the hash output.
+        pad = padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls().digest_size)
+    else:
+        pad = padding.PKCS1v15()
+
+    def verify(data: bytes, sig: bytes) -> bool:
+        try:
+            key.verify(sig, data, pad, hash_cls())
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+def _okp_verifier(key: ed25519.Ed25519PublicKey | ed448.Ed448PublicKey) -> Verify:
+    def verify(data: bytes, sig: bytes) -> bool:
+        try:
+            key.verify(sig, data)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+@dataclass(frozen=True, slots=True)
+class ProofKey:
+    """A public key from a proof header, ready to verify, with its RFC 7638 thumbprint."""
+
+    alg: str
+    jkt: str
+    verify: Verify
+
+
+def import_proof_key(jwk: Mapping[str, Any], alg: str) -> ProofKey:
+    """Import a public ``jwk`` for ``alg``; UnusableKeyError if it does not fit (RFC 9449 section 4.3).
+
+    The caller has already refused private members.
+    """
+    kty = jwk.get("kty")
+    jwk_alg = jwk.get("alg")
+    if jwk_alg is not None and jwk_alg != alg:
+        raise UnusableKeyError("jwk alg differs from the header alg")
+    try:
+        if alg in _EC_CURVES:
+            curve, size = _EC_CURVES[alg]
+            if kty != "EC" or jwk.get("crv") != curve:
+                raise UnusableKeyError(f"{alg} needs an EC {curve} key")
+            ec_key = ECKey.import_key(dict(jwk))
+            pub = ec_key.public_key
+            assert isinstance(pub, ec.EllipticCurvePublicKey)
+            return ProofKey(alg, ec_key.thumbprint(), _ec_verifier(pub, size, alg))
+        if alg[:2] in ("RS", "PS"):
+            if kty != "RSA":
+                raise UnusableKeyError(f"{alg} needs an RSA key")
+            rsa_key = RSAKey.import_key(dict(jwk))
+            pub_rsa = rsa_key.public_key
+            assert isinstance(pub_rsa, rsa.RSAPublicKey)
+            if pub_rsa.key_size < MIN_RSA_BITS:
+                raise UnusableKeyError(f"RSA keys must have at least {MIN_RSA_BITS} bits")
+            return ProofKey(alg, rsa_key.thumbprint(), _rsa_verifier(pub_rsa, alg))
+        if alg in ("EdDSA", "Ed25519"):
+            curves = ("Ed25519", "Ed448") if alg == "EdDSA" else ("Ed25519",)
+            if kty != "OKP" or jwk.get("crv") not in curves:
+                raise UnusableKeyError(f"{alg} needs an OKP {' or '.join(curves)} key")
+            okp_key = OKPKey.import_key(dict(jwk))
+            pub_okp = okp_key.public_key
+            assert isinstance(pub_okp, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+            return ProofKey(alg, okp_key.thumbprint(), _okp_verifier(pub_okp))
+    except (JoseError, ValueError, TypeError) as exc:
+        if isinstance(exc, UnusableKeyError):
+            raise
+        raise UnusableKeyError("malformed jwk") from exc
+    raise UnusableKeyError(f"unsupported alg {alg}")
+
+
+def thumbprint_sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class IssuerKeys:
+    """The authorization server's JWK Set, from ``jwks`` or fetched from ``jwks_uri``.
+
+    The core does no I/O: it says when a fetch is due (:meth:`fetch_due`), and the adapter fetches
+    (in a thread, or with an async client) and hands the document back (:meth:`load` /
+    :meth:`fetch_failed`). Fetches for unknown ``kid`` values are rate-limited by
+    ``refresh_interval``, so a flood of bogus ``kid`` values cannot hammer the authorization server.
+    """
+
+    def __init__(
+        self,
+        jwks: Mapping[str, Any] | None,
+        *,
+        uri: str | None,
+        cache_ttl: float,
+        refresh_interval: float,
+    ) -> None:
+        self.uri = uri
+        self.cache_ttl = cache_ttl
+        self.refresh_interval = refresh_interval
+        self.key_set: KeySet | None = None
+        self.loaded_at = float("-inf")
+        self.attempted_at = float("-inf")
+        self.version = 0
+        if jwks is not None:
+            self.load(jwks, now=0.0)
+            self.uri = None
+
+    def load(self, jwks: Mapping[str, Any], *, now: float) -> None:
+        """Install a JWK Set document. ValueError if it is not one (public, signing keys only)."""
+        keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
+        if not isinstance(keys, list):
+            raise ValueError("not a JWK Set")
+        usable = [
+            dict(k) for k in keys
+            if isinstance(k, Mapping) and k.get("kty") in ("EC", "RSA", "OKP")
+            and k.get("use", "sig") == "sig" and not (PRIVATE_MEMBERS & set(k))
+        ]  # fmt: skip
+        try:
+            key_set = KeySet.import_key_set({"keys": usable})
+        except (JoseError, ValueError, TypeError) as exc:
+            raise ValueError("JWK Set has a malformed key") from exc
+        self.key_set = key_set
+        self.loaded_at = now
+        self.attempted_at = now
+        self.version += 1
+
+    def fetch_failed(self, *, now: float) -> None:
+        self.attempted_at = now
+
+    def fetch_due(self, kid: str | None, *, now: float) -> bool:
+        """Whether the adapter should fetch ``jwks_uri`` before this token can be checked."""
+        if self.uri is None:
+            return False
+        if self.key_set is None:
+            return now - self.attempted_at >= min(self.refresh_interval, 5.0)
+        if (
+            now - self.loaded_at >= self.cache_ttl
+            and now - self.attempted_at >= self.refresh_interval
+        ):
+            return True
+        return (
+            kid is not None
+            and not self.has(kid)
+            and now - self.attempted_at >= self.refresh_interval
+        )
+
+    def has(self, kid: str) -> bool:
+        if self.key_set is None:
+            return False
+        return any(k.kid == kid for k in self.key_set.keys)
+
+
+class JWKSFetchNeeded(Exception):
+    """Raised by the core when the adapter must fetch ``uri`` and call :meth:`IssuerKeys.load`."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.uri = uri

@@ -1,0 +1,254 @@
+"""The verifier: runs every check in order on a neutral request.
+
+Sans-IO: it never touches a network. It hands the adapter what I/O it needs and takes the answer
+back:
+
+* :meth:`Verifier.check` returns a :class:`Pending` (the replay key and TTL to record), or
+  ``None`` for a request that is not protected, or raises a :class:`~dpop_middleware.errors.DPoPError`;
+  it raises :class:`~dpop_middleware.core.keys.JWKSFetchNeeded` when the issuer's JWK Set must be
+  fetched first (the adapter fetches, calls ``verifier.keys.load`` and calls ``check`` again);
+* :meth:`Verifier.finish` takes the replay store's answer and returns the :class:`DPoPResult`.
+
+The replay record is made only after every other check passed, so a bad request never burns a
+``jti`` (RFC 9449 section 11.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dpop_middleware.core import headers as hdr
+from dpop_middleware.core.htu import check_htu, normalize_path, request_htu
+from dpop_middleware.core.keys import IssuerKeys
+from dpop_middleware.core.nonce import NonceIssuer
+from dpop_middleware.core.proof import Proof, ProofParser, check_ath, check_htm, check_iat
+from dpop_middleware.core.request import RequestInfo
+from dpop_middleware.core.token import AccessTokenChecker, bound_jkt, check_binding
+from dpop_middleware.errors import (
+    DPoPError,
+    InvalidDPoPProofError,
+    InvalidRequestError,
+    InvalidTokenError,
+    ServiceUnavailableError,
+    UseDPoPNonceError,
+)
+from dpop_middleware.settings import Settings
+
+Header = tuple[str, str]
+EXPOSE_HEADERS: Header = ("access-control-expose-headers", "WWW-Authenticate, DPoP-Nonce")
+NO_STORE: Header = ("cache-control", "no-store")
+
+
+@dataclass(frozen=True, slots=True)
+class DPoPResult:
+    """What the application gets (ASGI ``scope["dpop"]``, WSGI ``environ["dpop"]``)."""
+
+    claims: Mapping[str, Any]
+    #: RFC 7638 thumbprint of the proof key (None for an unbound Bearer token in migration mode).
+    jkt: str | None
+    #: "DPoP", or "Bearer" for an unbound token accepted in ``dpop_or_bearer`` mode.
+    scheme: Literal["DPoP", "Bearer"]
+    proof_claims: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def bound(self) -> bool:
+        return self.jkt is not None
+
+    @property
+    def subject(self) -> str | None:
+        sub = self.claims.get("sub")
+        return sub if isinstance(sub, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A request that passed every check but replay; the adapter records ``replay_key``."""
+
+    result: DPoPResult
+    replay_key: bytes | None
+    ttl: float
+    #: Headers to add to the application's response (a fresh ``DPoP-Nonce`` and no-store).
+    response_headers: tuple[Header, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A complete refusal response, rendered by the core, copied out by the adapters."""
+
+    status: int
+    headers: tuple[Header, ...]
+    body: bytes
+    error: DPoPError
+
+
+class Verifier:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._clock = settings.clock
+        self._proofs = ProofParser(
+            settings.algorithms,
+            max_jti_length=settings.max_jti_length,
+            cache_size=settings.key_cache_size,
+        )
+        self._tokens = AccessTokenChecker(settings)
+        self._nonces = NonceIssuer(settings.nonce) if settings.nonce is not None else None
+        self._public_url = (
+            (settings.public_url.scheme, settings.public_url.authority, settings.public_url.prefix)
+            if settings.public_url is not None
+            else None
+        )
+        self._bearer = settings.mode == "dpop_or_bearer"
+        self._ttl = settings.replay_ttl
+
+    @property
+    def keys(self) -> IssuerKeys | None:
+        """The issuer's JWK Set holder (None with a ``token_verifier``)."""
+        return self._tokens.keys
+
+    def now(self) -> float:
+        return self._clock()
+
+    # -- which requests ------------------------------------------------------------------------
+
+    def is_protected(self, method: str, path: str) -> bool:
+        """False for CORS preflight and for ``exclude_paths`` (matched on the normalised path, at
+        segment boundaries, so ``/health/../admin`` or ``/healthx`` is not excluded by ``/health``).
+        """
+        if method == "OPTIONS":
+            return False
+        if not self.settings.exclude_paths:
+            return True
+        normal = normalize_path(path)
+        for excluded in self.settings.exclude_paths:
+            if normal == excluded or normal.startswith(excluded.rstrip("/") + "/"):
+                return False
+        return True
+
+    def _nonce_required(self, path: str) -> bool:
+        nonce = self.settings.nonce
+        if nonce is None or nonce.required is False:
+            return False
+        if nonce.required is True:
+            return True
+        normal = normalize_path(path)
+        return any(normal == p or normal.startswith(p.rstrip("/") + "/") for p in nonce.required)
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    def check(self, request: RequestInfo) -> Pending | None:
+        if not self.is_protected(request.method, request.path):
+            return None
+        settings = self.settings
+        now = self._clock()
+        creds = hdr.read_credentials(
+            request, max_token_size=settings.max_token_size, max_proof_size=settings.max_proof_size
+        )
+        digest = hashlib.sha256(creds.token.encode("ascii")).digest()
+
+        if creds.scheme == "bearer":
+            return self._check_bearer(creds.token, digest, now)
+
+        # RFC 9449 section 7.1: a DPoP token MUST come with a proof.
+        if creds.proof is None:
+            raise InvalidDPoPProofError("proof_missing", "DPoP proof is missing")
+        proof = self._proofs.parse(creds.proof)
+        check_htm(proof, request.method)
+        check_htu(proof.htu, request_htu(
+            request, public_url=self._public_url, trusted_proxies=settings.trusted_proxies
+        ))  # fmt: skip
+        check_ath(proof, digest)
+        response_headers = self._check_freshness(proof, request, now)
+        claims = self._tokens.check(creds.token, digest, now, "DPoP")
+        check_binding(claims, proof.key.jkt)
+        # The replay key: hash of (key thumbprint, jti), so two clients cannot collide.
+        replay_key = hashlib.sha256(
+            proof.key.jkt.encode() + b"\x00" + proof.jti.encode("utf-8", "surrogatepass")
+        ).digest()
+        result = DPoPResult(claims, proof.key.jkt, "DPoP", proof.claims)
+        return Pending(result, replay_key, self._ttl, response_headers)
+
+    def _check_freshness(
+        self, proof: Proof, request: RequestInfo, now: float
+    ) -> tuple[Header, ...]:
+        """Steps 10 and 11: the nonce, and the proof's age by ``iat`` or by the nonce."""
+        settings = self.settings
+        nonces = self._nonces
+        if nonces is None:
+            check_iat(proof, now, max_age=settings.proof_max_age, skew=settings.clock_skew)
+            return ()
+        if proof.nonce is not None:
+            if not nonces.valid(proof.nonce, now):
+                raise UseDPoPNonceError(
+                    "nonce_invalid", "Resource server requires a fresh nonce in DPoP proof"
+                )
+            # A valid nonce is a server-managed timestamp (section 11.1): it judges freshness.
+            if nonces.is_current(proof.nonce, now):
+                return ()
+            return (("dpop-nonce", nonces.current(now)), NO_STORE)
+        if self._nonce_required(request.path):
+            raise UseDPoPNonceError("nonce_missing", "Resource server requires nonce in DPoP proof")
+        try:
+            check_iat(proof, now, max_age=settings.proof_max_age, skew=settings.clock_skew)
+        except InvalidDPoPProofError as exc:
+            # With nonces on, a bad clock is recoverable: offer a nonce instead of a hard failure.
+            raise UseDPoPNonceError(
+                exc.reason, "Resource server requires nonce in DPoP proof"
+            ) from None
+        return (("dpop-nonce", nonces.current(now)), NO_STORE)
+
+    def _check_bearer(self, token: str, digest: bytes, now: float) -> Pending:
+        if not self._bearer:
+            # Only DPoP is accepted; a Bearer token (bound or not) is refused (section 7.2).
+            raise InvalidTokenError(
+                "bearer_not_allowed", "Bearer tokens are not accepted; use DPoP", scheme="DPoP"
+            )
+        claims = self._tokens.check(token, digest, now, "Bearer")
+        if bound_jkt(claims) is not None:
+            # Section 7.2: "MUST reject a DPoP-bound access token received as a bearer token".
+            raise InvalidTokenError(
+                "downgrade", "DPoP-bound access token sent as a Bearer token", scheme="Bearer"
+            )
+        return Pending(DPoPResult(claims, None, "Bearer"), None, 0.0)
+
+    def finish(self, pending: Pending, first_seen: bool) -> DPoPResult:
+        """Take the replay store's answer (RFC 9449 section 11.1)."""
+        if not first_seen:
+            raise InvalidDPoPProofError("replayed", "DPoP proof has already been used")
+        return pending.result
+
+    # -- refusals ------------------------------------------------------------------------------
+
+    def refusal(self, error: DPoPError) -> Refusal:
+        """The full response for a refusal: status, challenge, nonce, JSON body."""
+        headers: list[Header] = [
+            ("content-type", "application/json"),
+            NO_STORE,
+            EXPOSE_HEADERS,
+        ]
+        if isinstance(error, ServiceUnavailableError):
+            headers.append(("retry-after", "1"))
+        elif error.status in (400, 401, 403):
+            headers.append((
+                "www-authenticate",
+                hdr.challenge(
+                    error, algs=self.settings.algs_value, realm=self.settings.realm, bearer=self._bearer
+                ),
+            ))  # fmt: skip
+        if isinstance(error, UseDPoPNonceError) and self._nonces is not None:
+            headers.append(("dpop-nonce", self._nonces.current(self._clock())))
+        body: dict[str, str] = {"error": error.error or "unauthorized"}
+        body["error_description"] = error.description
+        return Refusal(error.status, tuple(headers), json.dumps(body).encode(), error)
+
+
+__all__ = [
+    "DPoPResult",
+    "InvalidRequestError",
+    "Pending",
+    "Refusal",
+    "Verifier",
+]

@@ -1,0 +1,94 @@
+"""One exception tree for every refusal.
+
+Each refusal knows three things: the HTTP status, the RFC error code that goes into the
+``WWW-Authenticate`` challenge (RFC 6750 section 3.1, RFC 9449 sections 7.1 and 8) and a stable
+``reason`` code for log lines that an operator can grep. Descriptions are fixed strings written
+here; a token, a proof or a key never goes into an error.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+Scheme = Literal["DPoP", "Bearer", "both"]
+
+
+class ConfigurationError(ValueError):
+    """Bad settings, raised at start-up. The message names the key, the value and what is allowed."""
+
+
+class DPoPError(Exception):
+    """Base of every refusal.
+
+    Subclasses only set ``error`` (the RFC code, or ``None`` for a challenge without one) and
+    ``status``. ``scheme`` says which challenge carries the error when both Bearer and DPoP are
+    offered (RFC 9449 section 7.2, figures 18 and 19).
+    """
+
+    error: ClassVar[str | None] = None
+    status: ClassVar[int] = 401
+
+    def __init__(
+        self,
+        reason: str,
+        description: str,
+        *,
+        scheme: Scheme = "DPoP",
+        log_detail: str | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {description}")
+        self.reason = reason
+        self.description = description
+        self.scheme: Scheme = scheme
+        # Extra detail for the operator's log line only (e.g. expected vs received htu); never
+        # rendered into a response.
+        self.log_detail = log_detail
+
+
+class MissingCredentialsError(DPoPError):
+    """No usable credentials: challenge without an error code (RFC 6750 section 3.1)."""
+
+    error = None
+    status = 401
+
+
+class InvalidRequestError(DPoPError):
+    error = "invalid_request"
+    status = 400
+
+
+class InvalidTokenError(DPoPError):
+    error = "invalid_token"
+    status = 401
+
+
+class InvalidDPoPProofError(DPoPError):
+    error = "invalid_dpop_proof"
+    status = 401
+
+
+class UseDPoPNonceError(DPoPError):
+    """RFC 9449 section 9: the server requires a (fresh) nonce; a ``DPoP-Nonce`` header goes along."""
+
+    error = "use_dpop_nonce"
+    status = 401
+
+
+class InsufficientScopeError(DPoPError):
+    error = "insufficient_scope"
+    status = 403
+
+
+class ServiceUnavailableError(DPoPError):
+    """We cannot decide (replay store or JWKS unreachable): refuse, but not as the client's fault."""
+
+    error = "temporarily_unavailable"
+    status = 503
+
+
+class ReplayStoreError(Exception):
+    """The replay store backend failed; the cause is kept as ``__cause__``."""
+
+
+class ReplayStoreFullError(ReplayStoreError):
+    """The in-memory store is at its size cap; it never evicts live entries."""

@@ -1,0 +1,204 @@
+"""Drives the sans-IO verifier with real I/O: the replay store and the JWKS fetch.
+
+Both adapters go through :class:`Engine`, so the order of steps, the mode handling
+(``report_only``), the refusal log line and the ``on_refusal`` hook live in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dpop_middleware.core.keys import JWKSFetchNeeded
+from dpop_middleware.core.request import RequestInfo
+from dpop_middleware.core.verifier import DPoPResult, Header, Pending, Refusal, Verifier
+from dpop_middleware.errors import DPoPError, ReplayStoreError, ServiceUnavailableError
+from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
+from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
+from dpop_middleware.settings import Settings
+
+logger = logging.getLogger("dpop_middleware")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the adapter does: refuse (``refusal``), or call the app with ``result`` (None for an
+    unprotected path or a report-only refusal) and add ``response_headers`` to its response."""
+
+    result: DPoPResult | None = None
+    refusal: Refusal | None = None
+    response_headers: tuple[Header, ...] = ()
+
+
+_PASS = Outcome()
+
+
+def _clip(value: str, size: int = 200) -> str:
+    return repr(value[:size])
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.verifier = Verifier(settings)
+        self._report_only = settings.mode == "report_only"
+        self._sync_lock = threading.Lock()
+        self._async_lock: asyncio.Lock | None = None
+
+    # -- refusals ------------------------------------------------------------------------------
+
+    def _request_info(self, request: RequestInfo, error: DPoPError) -> dict[str, Any]:
+        return {
+            "method": request.method,
+            "path": request.root_path + request.path,
+            "client_ip": request.client_ip,
+            "status": error.status,
+            "error": error.error,
+            "reason": error.reason,
+        }
+
+    def _log(self, request: RequestInfo, error: DPoPError) -> None:
+        detail = f" {error.log_detail}" if error.log_detail else ""
+        logger.warning(
+            "dpop %s reason=%s status=%d error=%s method=%s path=%s client=%s%s",
+            "would_refuse" if self._report_only else "refused",
+            error.reason,
+            error.status,
+            error.error,
+            _clip(request.method, 20),
+            _clip(request.root_path + request.path),
+            request.client_ip,
+            detail,
+        )
+
+    def _refuse_sync(self, request: RequestInfo, error: DPoPError) -> Outcome:
+        self._log(request, error)
+        hook = self.settings.on_refusal
+        if hook is not None:
+            outcome = hook(error.reason, self._request_info(request, error))
+            if inspect.isawaitable(outcome):  # an async hook under WSGI: run it to completion
+                asyncio.run(_await(outcome))
+        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+
+    async def _refuse_async(self, request: RequestInfo, error: DPoPError) -> Outcome:
+        self._log(request, error)
+        hook = self.settings.on_refusal
+        if hook is not None:
+            outcome = hook(error.reason, self._request_info(request, error))
+            if inspect.isawaitable(outcome):
+                await outcome
+        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+
+    # -- JWKS ----------------------------------------------------------------------------------
+
+    def _load_jwks(self, document: Mapping[str, Any] | None) -> None:
+        keys = self.verifier.keys
+        assert keys is not None
+        now = self.verifier.now()
+        if document is None:
+            keys.fetch_failed(now=now)
+            return
+        try:
+            keys.load(document, now=now)
+        except ValueError:
+            logger.error("dpop jwks_invalid uri=%s: the document is not a usable JWK Set", keys.uri)
+            keys.fetch_failed(now=now)
+
+    def _fetch(self, uri: str) -> Mapping[str, Any] | None:
+        try:
+            return fetch_jwks(uri, self.settings.jwks_fetch_timeout)
+        except JWKSFetchError as exc:
+            logger.error("dpop jwks_fetch_failed uri=%s: %s", uri, exc)
+            return None
+
+    def refresh_jwks_sync(self, need: JWKSFetchNeeded, seen_attempt: float) -> None:
+        keys = self.verifier.keys
+        assert keys is not None
+        with self._sync_lock:
+            if keys.attempted_at != seen_attempt:
+                return  # another thread fetched while we waited
+            self._load_jwks(self._fetch(need.uri))
+
+    async def refresh_jwks_async(self, need: JWKSFetchNeeded, seen_attempt: float) -> None:
+        keys = self.verifier.keys
+        assert keys is not None
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        async with self._async_lock:
+            if keys.attempted_at != seen_attempt:
+                return
+            document = await asyncio.to_thread(self._fetch, need.uri)
+            self._load_jwks(document)
+
+    # -- the request ---------------------------------------------------------------------------
+
+    def _attempt(self) -> float:
+        keys = self.verifier.keys
+        return keys.attempted_at if keys is not None else 0.0
+
+    def run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
+        try:
+            pending: Pending | None = None
+            for _ in range(2):
+                seen = self._attempt()
+                try:
+                    pending = self.verifier.check(request)
+                    break
+                except JWKSFetchNeeded as need:
+                    self.refresh_jwks_sync(need, seen)
+            else:
+                raise ServiceUnavailableError("jwks_unavailable", "Signing keys are not available")
+            if pending is None:
+                return _PASS
+            first = True
+            if pending.replay_key is not None:
+                try:
+                    first = store.add(pending.replay_key, pending.ttl)
+                except ReplayStoreError as exc:
+                    raise _store_down(exc) from exc
+            result = self.verifier.finish(pending, first)
+        except DPoPError as error:
+            return self._refuse_sync(request, error)
+        return Outcome(result=result, response_headers=pending.response_headers)
+
+    async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
+        try:
+            pending: Pending | None = None
+            for _ in range(2):
+                seen = self._attempt()
+                try:
+                    pending = self.verifier.check(request)
+                    break
+                except JWKSFetchNeeded as need:
+                    await self.refresh_jwks_async(need, seen)
+            else:
+                raise ServiceUnavailableError("jwks_unavailable", "Signing keys are not available")
+            if pending is None:
+                return _PASS
+            first = True
+            if pending.replay_key is not None:
+                try:
+                    first = await store.add(pending.replay_key, pending.ttl)
+                except ReplayStoreError as exc:
+                    raise _store_down(exc) from exc
+            result = self.verifier.finish(pending, first)
+        except DPoPError as error:
+            return await self._refuse_async(request, error)
+        return Outcome(result=result, response_headers=pending.response_headers)
+
+
+def _store_down(exc: ReplayStoreError) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "replay_store_unavailable",
+        "Replay protection is temporarily unavailable",
+        log_detail=f"cause={type(exc).__name__}: {str(exc)[:200]}",
+    )
+
+
+async def _await(awaitable: Any) -> None:
+    await awaitable

@@ -1,0 +1,111 @@
+"""In-process replay store: thread-safe, lazily expiring, bounded, never evicting live entries.
+
+Entries are kept in *generations*: each generation is a dict filled during one ``period`` of
+wall time and remembers the latest expiry it holds, so a whole generation is dropped in O(1) once
+everything in it has expired. Each entry also keeps its own expiry, so answers are exact.
+Keys are the first 16 bytes of the verifier's SHA-256 replay key (128 bits: collisions are not a
+practical concern), which keeps a live entry well under 200 bytes.
+
+When ``max_entries`` live entries are held, new proofs are refused with
+:class:`~dpop_middleware.errors.ReplayStoreFullError` (a 503): evicting a live entry would let
+its proof be replayed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from dpop_middleware.errors import ReplayStoreFullError
+
+DEFAULT_MAX_ENTRIES = 1_000_000
+_KEY_BYTES = 16
+
+
+class _Generation:
+    __slots__ = ("entries", "max_expiry", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.max_expiry = started
+        self.entries: dict[bytes, float] = {}
+
+
+class MemoryReplayStore:
+    """Sync in-memory store (one process only: use Redis when several workers serve one API)."""
+
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        *,
+        period: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._period = period
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._generations: list[_Generation] = []
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _expire(self, now: float) -> None:
+        gens = self._generations
+        while gens and gens[0].max_expiry <= now:
+            self._size -= len(gens.pop(0).entries)
+        # A generation whose newest expiry is still ahead may hold long-dead entries: they are
+        # dropped with it, and until then answered as absent (exact per-entry expiry).
+
+    def add(self, key: bytes, ttl: float) -> bool:
+        short = key[:_KEY_BYTES]
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            for gen in self._generations:
+                expiry = gen.entries.get(short)
+                if expiry is not None:
+                    if expiry > now:
+                        return False
+                    del gen.entries[short]
+                    self._size -= 1
+            if self._size >= self.max_entries:
+                raise ReplayStoreFullError(
+                    f"memory replay store is full ({self.max_entries} live entries); "
+                    "raise replay_store max_entries or use Redis"
+                )
+            gens = self._generations
+            if not gens or now - gens[-1].started >= self._period:
+                gens.append(_Generation(now))
+            current = gens[-1]
+            expiry = now + ttl
+            current.entries[short] = expiry
+            if expiry > current.max_expiry:
+                current.max_expiry = expiry
+            self._size += 1
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._generations.clear()
+            self._size = 0
+
+
+class AsyncMemoryReplayStore:
+    """Async twin: the same store; its work is a few dict operations, so it never blocks."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, **kwargs: object) -> None:
+        self.sync = MemoryReplayStore(max_entries, **kwargs)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.sync)
+
+    async def add(self, key: bytes, ttl: float) -> bool:
+        return self.sync.add(key, ttl)
+
+    async def aclose(self) -> None:
+        self.sync.close()

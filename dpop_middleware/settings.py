@@ -1,0 +1,372 @@
+"""Settings: a plain dict in, a frozen, validated :class:`Settings` out.
+
+Everything is checked once, at construction, so that a typo or a bad value stops the application
+at start-up instead of silently weakening a check. Unknown keys are an error (with a "did you
+mean" hint); every error names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from dpop_middleware.errors import ConfigurationError
+
+#: Proof algorithms we can verify (RFC 7518, RFC 8037, RFC 9864). Never ``none``, never HMAC.
+SUPPORTED_ALGORITHMS: tuple[str, ...] = (
+    "ES256", "ES384", "ES512",
+    "PS256", "PS384", "PS512",
+    "RS256", "RS384", "RS512",
+    "EdDSA", "Ed25519",
+)  # fmt: skip
+DEFAULT_ALGORITHMS: tuple[str, ...] = (
+    "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "EdDSA", "Ed25519",
+)  # fmt: skip
+DEFAULT_ACCESS_TOKEN_ALGORITHMS: tuple[str, ...] = SUPPORTED_ALGORITHMS
+
+Mode = Literal["dpop", "dpop_or_bearer", "report_only"]
+MODES: tuple[str, ...] = ("dpop", "dpop_or_bearer", "report_only")
+
+TokenVerifier = Callable[[str], Mapping[str, Any]]
+RefusalHook = Callable[[str, Mapping[str, Any]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NonceSettings:
+    """Server-provided nonces (RFC 9449 sections 8 and 9)."""
+
+    secrets: tuple[bytes, ...]
+    lifetime: float
+    accepted_steps: int
+    #: ``True``: every protected path; a tuple of path prefixes; ``False``: issued, never required.
+    required: bool | tuple[str, ...]
+    context: str
+
+    @property
+    def max_age(self) -> float:
+        """How long after it is first issued a nonce is still accepted, at most."""
+        return self.lifetime * self.accepted_steps
+
+
+@dataclass(frozen=True, slots=True)
+class PublicURL:
+    scheme: str
+    authority: str
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    jwks: Mapping[str, Any] | None = None
+    jwks_uri: str | None = None
+    jwks_cache_ttl: float = 3600.0
+    jwks_refresh_interval: float = 30.0
+    jwks_fetch_timeout: float = 5.0
+    token_verifier: TokenVerifier | None = None
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    access_token_algorithms: tuple[str, ...] = DEFAULT_ACCESS_TOKEN_ALGORITHMS
+    strict_access_token_typ: bool = False
+    proof_max_age: float = 60.0
+    clock_skew: float = 10.0
+    leeway: float = 5.0
+    max_proof_size: int = 8192
+    max_token_size: int = 16384
+    max_jti_length: int = 128
+    replay_store: Any = "memory://"
+    nonce: NonceSettings | None = None
+    mode: Mode = "dpop"
+    exclude_paths: tuple[str, ...] = ()
+    public_url: PublicURL | None = None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    on_refusal: RefusalHook | None = None
+    realm: str | None = None
+    key_cache_size: int = 1024
+    token_cache_size: int = 10_000
+    clock: Callable[[], float] = field(default=time.time)
+
+    @property
+    def algs_value(self) -> str:
+        """The space-separated ``algs`` challenge parameter (RFC 9449 section 7.1)."""
+        return " ".join(self.algorithms)
+
+    @property
+    def replay_ttl(self) -> float:
+        """How long a jti must be remembered: the whole window in which its proof is accepted.
+
+        By ``iat``: from ``now - proof_max_age`` to ``now + clock_skew``, so a proof minted at the
+        far future edge stays acceptable for ``proof_max_age + clock_skew``. With nonces, a proof is
+        accepted as long as its nonce is (RFC 9449 section 11.1), so the TTL covers that too.
+        """
+        window = self.proof_max_age + self.clock_skew
+        if self.nonce is not None:
+            window = max(window, self.nonce.max_age + self.nonce.lifetime)
+        return window + 1.0
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Settings:
+        return _build(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+_KEYS: tuple[str, ...] = tuple(f for f in Settings.__dataclass_fields__)
+_NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context")
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigurationError:
+    shown = "<callable>" if callable(value) else repr(value)
+    if key in ("nonce.secret",):
+        shown = "<secret>"
+    if len(shown) > 120:
+        shown = shown[:117] + "..."
+    return ConfigurationError(f"dpop_middleware setting {key!r}: got {shown}; allowed: {allowed}")
+
+
+def _unknown(keys: Sequence[str], known: Sequence[str], where: str) -> None:
+    for key in keys:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigurationError(
+                f"dpop_middleware: unknown setting {where}{key!r}{extra}; "
+                f"known settings: {', '.join(known)}"
+            )
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float, *, low: float, high: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _fail(key, value, f"a number of seconds from {low:g} to {high:g}")
+    return float(value)
+
+
+def _integer(raw: Mapping[str, Any], key: str, default: int, *, low: int, high: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(key, value, f"a whole number from {low} to {high}")
+    return value
+
+
+def _algorithms(raw: Mapping[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = raw.get(key, default)
+    allowed = f"a non-empty list drawn from {', '.join(SUPPORTED_ALGORITHMS)}"
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise _fail(key, value, allowed)
+    for alg in value:
+        if not isinstance(alg, str):
+            raise _fail(key, value, allowed)
+        if alg.lower() == "none" or alg.upper().startswith("HS"):
+            raise _fail(
+                key,
+                value,
+                f"asymmetric signature algorithms only (RFC 9449 section 4.2); {allowed}",
+            )
+        if alg not in SUPPORTED_ALGORITHMS:
+            raise _fail(key, value, allowed)
+    return tuple(dict.fromkeys(value))
+
+
+def _https_url(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, value, "an https:// URL (http:// only for localhost)")
+    parts = urlsplit(value)
+    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and local)):
+        raise _fail(key, value, "an https:// URL (http:// only for localhost)")
+    return value
+
+
+def _public_url(value: Any) -> PublicURL | None:
+    if value is None:
+        return None
+    allowed = "an absolute http(s) URL with a host, no query, no fragment, e.g. https://api.example.com/v1"
+    if not isinstance(value, str):
+        raise _fail("public_url", value, allowed)
+    # Local import: htu.py imports nothing from settings, so this cannot cycle.
+    from dpop_middleware.core.htu import normalize_base_url
+
+    try:
+        scheme, authority, prefix = normalize_base_url(value)
+    except ValueError:
+        raise _fail("public_url", value, allowed) from None
+    return PublicURL(scheme, authority, prefix)
+
+
+def _paths(key: str, value: Any) -> tuple[str, ...]:
+    allowed = "a list of paths starting with '/'"
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise _fail(key, value, allowed)
+    out = []
+    for path in value:
+        if not isinstance(path, str) or not path.startswith("/") or "?" in path or "#" in path:
+            raise _fail(key, value, allowed)
+        out.append(path.rstrip("/") or "/")
+    return tuple(out)
+
+
+def _secret(value: Any) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    if not isinstance(raw, bytes) or len(raw) < 32:
+        raise _fail(
+            "nonce.secret", value, "a string or bytes of at least 32 bytes (or a list of them)"
+        )
+    return raw
+
+
+def _nonce(value: Any, audience: tuple[str, ...], issuer: str | None) -> NonceSettings | None:
+    if value is None or value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail(
+            "nonce",
+            value,
+            "None (off) or a dict with 'secret' and optional " + ", ".join(_NONCE_KEYS[1:]),
+        )
+    _unknown(list(value), _NONCE_KEYS, "nonce.")
+    if "secret" not in value:
+        raise ConfigurationError(
+            "dpop_middleware setting 'nonce.secret' is missing: nonces need a secret of at least "
+            "32 bytes, the same on every instance (a list to rotate: the first issues, all verify)"
+        )
+    secret = value["secret"]
+    items = secret if isinstance(secret, list | tuple) else [secret]
+    if not items:
+        raise _fail("nonce.secret", secret, "a non-empty list of secrets of at least 32 bytes")
+    secrets = tuple(_secret(s) for s in items)
+    lifetime = _number(value, "lifetime", 60.0, low=1, high=3600)
+    steps = value.get("accepted_steps", 2)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 10:
+        raise _fail(
+            "nonce.accepted_steps",
+            steps,
+            "a whole number from 1 to 10 (the current step and earlier ones)",
+        )
+    required = value.get("required", True)
+    if not isinstance(required, bool):
+        required = _paths("nonce.required", required)
+    context = value.get("context", audience[0] if audience else (issuer or "dpop-middleware"))
+    if not isinstance(context, str) or not context:
+        raise _fail("nonce.context", context, "a non-empty string naming this API")
+    return NonceSettings(secrets, lifetime, steps, required, context)
+
+
+def _build(raw: Mapping[str, Any]) -> Settings:
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(
+            f"dpop_middleware settings must be a dict, got {type(raw).__name__}"
+        )
+    _unknown(list(raw), _KEYS, "")
+
+    issuer = raw.get("issuer")
+    if issuer is not None and (not isinstance(issuer, str) or not issuer):
+        raise _fail(
+            "issuer",
+            issuer,
+            "a non-empty string (the 'iss' your authorization server puts in tokens)",
+        )
+    audience_raw = raw.get("audience", ())
+    if isinstance(audience_raw, str):
+        audience_raw = (audience_raw,)
+    if not isinstance(audience_raw, Sequence) or not all(
+        isinstance(a, str) and a for a in audience_raw
+    ):
+        raise _fail("audience", audience_raw, "a non-empty string or a list of them")
+    audience = tuple(audience_raw)
+
+    jwks = raw.get("jwks")
+    if jwks is not None and not (isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)):
+        raise _fail("jwks", jwks, "a JWK Set dict: {'keys': [...]}")
+    jwks_uri = raw.get("jwks_uri")
+    if jwks_uri is not None:
+        jwks_uri = _https_url("jwks_uri", jwks_uri)
+    token_verifier = raw.get("token_verifier")
+    if token_verifier is not None and not callable(token_verifier):
+        raise _fail("token_verifier", token_verifier, "a callable(token: str) -> claims dict")
+
+    sources = [k for k in ("jwks", "jwks_uri", "token_verifier") if raw.get(k) is not None]
+    if len(sources) != 1:
+        raise ConfigurationError(
+            "dpop_middleware: set exactly one of 'jwks', 'jwks_uri' or 'token_verifier' "
+            f"(got {', '.join(sources) or 'none'})"
+        )
+    if token_verifier is None and (issuer is None or not audience):
+        raise ConfigurationError(
+            "dpop_middleware: 'issuer' and 'audience' are required with 'jwks' or 'jwks_uri' "
+            "(RFC 9068 section 4: the resource server checks both)"
+        )
+
+    mode = raw.get("mode", "dpop")
+    if mode not in MODES:
+        raise _fail("mode", mode, ", ".join(repr(m) for m in MODES))
+
+    proxies = raw.get("trusted_proxies", ())
+    if isinstance(proxies, str) or not isinstance(proxies, Sequence):
+        raise _fail(
+            "trusted_proxies", proxies, "a list of IP addresses or CIDRs, e.g. ['10.0.0.0/8']"
+        )
+    networks = []
+    for entry in proxies:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except (TypeError, ValueError):
+            raise _fail(
+                "trusted_proxies", entry, "IP addresses or CIDRs, e.g. '10.0.0.1' or '10.0.0.0/8'"
+            ) from None
+
+    on_refusal = raw.get("on_refusal")
+    if on_refusal is not None and not callable(on_refusal):
+        raise _fail("on_refusal", on_refusal, "a callable(reason, request_info), sync or async")
+    clock = raw.get("clock", time.time)
+    if not callable(clock):
+        raise _fail("clock", clock, "a callable returning the current Unix time in seconds")
+    realm = raw.get("realm")
+    if realm is not None and (not isinstance(realm, str) or '"' in realm or "\\" in realm):
+        raise _fail("realm", realm, "a string without quotes or backslashes")
+    strict_typ = raw.get("strict_access_token_typ", False)
+    if not isinstance(strict_typ, bool):
+        raise _fail("strict_access_token_typ", strict_typ, "True or False")
+
+    from dpop_middleware.replay import validate_replay_store_setting
+
+    replay_store = validate_replay_store_setting(raw.get("replay_store", "memory://"))
+
+    return Settings(
+        issuer=issuer,
+        audience=audience,
+        jwks=jwks,
+        jwks_uri=jwks_uri,
+        jwks_cache_ttl=_number(raw, "jwks_cache_ttl", 3600, low=1, high=86400 * 7),
+        jwks_refresh_interval=_number(raw, "jwks_refresh_interval", 30, low=1, high=86400),
+        jwks_fetch_timeout=_number(raw, "jwks_fetch_timeout", 5, low=0.1, high=60),
+        token_verifier=token_verifier,
+        algorithms=_algorithms(raw, "algorithms", DEFAULT_ALGORITHMS),
+        access_token_algorithms=_algorithms(
+            raw, "access_token_algorithms", DEFAULT_ACCESS_TOKEN_ALGORITHMS
+        ),
+        strict_access_token_typ=strict_typ,
+        proof_max_age=_number(raw, "proof_max_age", 60, low=1, high=3600),
+        clock_skew=_number(raw, "clock_skew", 10, low=0, high=600),
+        leeway=_number(raw, "leeway", 5, low=0, high=600),
+        max_proof_size=_integer(raw, "max_proof_size", 8192, low=256, high=65536),
+        max_token_size=_integer(raw, "max_token_size", 16384, low=256, high=262144),
+        max_jti_length=_integer(raw, "max_jti_length", 128, low=16, high=1024),
+        replay_store=replay_store,
+        nonce=_nonce(raw.get("nonce"), audience, issuer),
+        mode=mode,
+        exclude_paths=_paths("exclude_paths", raw.get("exclude_paths", ())),
+        public_url=_public_url(raw.get("public_url")),
+        trusted_proxies=tuple(networks),
+        on_refusal=on_refusal,
+        realm=realm,
+        key_cache_size=_integer(raw, "key_cache_size", 1024, low=1, high=1_000_000),
+        token_cache_size=_integer(raw, "token_cache_size", 10_000, low=0, high=10_000_000),
+        clock=clock,
+    )
