@@ -46,7 +46,10 @@ def read_credentials(
     auth = request.header_values("authorization")
     proofs = request.header_values("dpop")
     in_query = _query_has_token(request.query_string)
-    if len(auth) > 1 or (auth and in_query):
+    # A WSGI server joins repeated headers with ", "; token68 has no comma, so a comma after a
+    # DPoP or Bearer scheme means two Authorization headers.
+    merged = bool(auth) and "," in auth[0] and auth[0][:7].lower().startswith(("dpop ", "bearer "))
+    if len(auth) > 1 or merged or (auth and in_query):
         raise InvalidRequestError(
             "multiple_auth_methods", "Multiple methods used to include access token", scheme="both"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote, unquote_to_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,3 +28,24 @@ class RequestInfo:
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name`` (lower-case), in order."""
         return [value for key, value in self.headers if key == name]
+
+
+# Characters a path segment may hold unescaped (RFC 3986 pchar) plus "/"; "%" is escaped.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def encoded_path(decoded: bytes, raw: str | None, root: str = "") -> str:
+    """The percent-encoded form of a path the server decoded for us.
+
+    Servers give the decoded path (ASGI ``path``, WSGI ``PATH_INFO``) and sometimes the raw one
+    (ASGI ``raw_path``, WSGI ``RAW_URI``/``REQUEST_URI``), which may or may not include the mount
+    prefix ``root``. The raw form is used when it decodes to exactly the same bytes, so that what
+    the client sent (e.g. ``%2F``) is compared as sent; otherwise the decoded path is re-encoded.
+    """
+    if raw is not None:
+        raw = raw.split("?", 1)[0]
+        if root and raw.startswith(root):
+            raw = raw[len(root) :]
+        if unquote_to_bytes(raw) == decoded:
+            return raw
+    return quote(decoded, safe=_PATH_SAFE)

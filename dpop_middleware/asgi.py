@@ -1,0 +1,140 @@
+"""``DPoPMiddleware``: pure ASGI (Starlette, FastAPI, Django ASGI, any ASGI 3 app).
+
+Configuration work happens once in ``__init__``; ``__call__`` keeps per-request state in locals.
+Non-HTTP scopes other than websockets (``lifespan``) pass through untouched. A websocket
+handshake is checked like a ``GET`` of the same URL with ``http``/``https`` in ``htu``, and refused
+before accept: with a denial response where the server supports the
+``websocket.http.response`` extension, else by closing with code 1008 (policy violation).
+The replay store is async (never blocks the loop) and created on first use, so each worker
+process after a fork gets its own connection pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from dpop_middleware.core.request import RequestInfo, encoded_path
+from dpop_middleware.core.verifier import Header, Refusal
+from dpop_middleware.flow import Engine
+from dpop_middleware.replay import create_async_store
+from dpop_middleware.replay.base import AsyncReplayStore
+from dpop_middleware.settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_WS_SCHEMES = {"ws": "http", "wss": "https"}
+
+
+def request_info(scope: Scope) -> RequestInfo:
+    """The neutral request view of an ASGI ``http`` or ``websocket`` scope."""
+    websocket = scope["type"] == "websocket"
+    scheme: str = scope.get("scheme") or ("ws" if websocket else "http")
+    root = scope.get("root_path", "")
+    path: str = scope["path"]
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    raw = scope.get("raw_path")
+    client = scope.get("client")
+    server = scope.get("server")
+    return RequestInfo(
+        method="GET" if websocket else scope["method"],
+        scheme=_WS_SCHEMES.get(scheme, scheme),
+        path=encoded_path(path.encode(), raw.decode("latin-1") if raw else None, root),
+        root_path=encoded_path(root.encode(), None),
+        headers=tuple(
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, value in scope.get("headers", ())
+        ),
+        query_string=scope.get("query_string", b"").decode("latin-1"),
+        client_ip=client[0] if client else None,
+        server=(server[0], server[1]) if server else None,
+    )
+
+
+def _encode(headers: tuple[Header, ...]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+class DPoPMiddleware:
+    """Wrap an ASGI app: ``DPoPMiddleware(app, settings={...})``.
+
+    The verified :class:`~dpop_middleware.DPoPResult` is put in ``scope["dpop"]``.
+    ``store`` overrides the ``replay_store`` setting with a ready :class:`AsyncReplayStore`.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Mapping[str, Any] | Settings,
+        *,
+        store: AsyncReplayStore | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings if isinstance(settings, Settings) else Settings.from_dict(settings)
+        self.engine = Engine(self.settings)
+        self._store = store
+
+    @property
+    def store(self) -> AsyncReplayStore:
+        if self._store is None:
+            self._store = create_async_store(self.settings.replay_store)
+        return self._store
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        outcome = await self.engine.run_async(request_info(scope), self.store)
+        if outcome.refusal is not None:
+            if kind == "http":
+                await _send_refusal(send, outcome.refusal)
+            else:
+                await _deny_websocket(scope, receive, send, outcome.refusal)
+            return
+        if outcome.result is not None:
+            scope = dict(scope)
+            scope["dpop"] = outcome.result
+        extra = outcome.response_headers
+        if not extra or kind != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                names = {name.encode() for name, _ in extra}
+                # Replace, never duplicate: exactly one DPoP-Nonce (RFC 9449 section 8).
+                kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in names]
+                message["headers"] = kept + _encode(extra)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _refusal_headers(refusal: Refusal) -> list[tuple[bytes, bytes]]:
+    return [*_encode(refusal.headers), (b"content-length", str(len(refusal.body)).encode())]
+
+
+async def _send_refusal(send: Send, refusal: Refusal) -> None:
+    headers = _refusal_headers(refusal)
+    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": "http.response.body", "body": refusal.body})
+
+
+async def _deny_websocket(scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        headers = _refusal_headers(refusal)
+        await send(
+            {"type": "websocket.http.response.start", "status": refusal.status, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": refusal.body})
+        return
+    message = await receive()  # websocket.connect
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1008, "reason": refusal.error.reason})

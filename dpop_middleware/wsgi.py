@@ -1,0 +1,103 @@
+"""``DPoPWSGIMiddleware``: pure WSGI (Flask, Django, any PEP 3333 app).
+
+WSGI servers join repeated request headers with ", ": a compact JWS and a token68 never contain a
+comma, so the core treats a comma in ``DPoP`` (or after a ``DPoP``/``Bearer`` scheme in
+``Authorization``) as two headers and refuses (RFC 9449 section 4.3 step 1).
+The replay store is created on first use, so each worker process after a fork has its own pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any
+
+from dpop_middleware.core.request import RequestInfo, encoded_path
+from dpop_middleware.flow import Engine
+from dpop_middleware.replay import create_sync_store
+from dpop_middleware.replay.base import ReplayStore
+from dpop_middleware.settings import Settings
+
+Environ = dict[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+def _port(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
+def request_info(environ: Environ) -> RequestInfo:
+    """The neutral request view of a WSGI environ (PEP 3333 strings are latin-1 bytes)."""
+    headers = tuple(
+        (key[5:].replace("_", "-").lower(), value)
+        for key, value in environ.items()
+        if key.startswith("HTTP_") and isinstance(value, str)
+    )
+    root = environ.get("SCRIPT_NAME", "")
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    return RequestInfo(
+        method=environ.get("REQUEST_METHOD", "GET"),
+        scheme=environ.get("wsgi.url_scheme", "http"),
+        path=encoded_path(environ.get("PATH_INFO", "").encode("latin-1"), raw, root),
+        root_path=encoded_path(root.encode("latin-1"), None),
+        headers=headers,
+        query_string=environ.get("QUERY_STRING", ""),
+        client_ip=environ.get("REMOTE_ADDR"),
+        server=(environ.get("SERVER_NAME", ""), _port(environ.get("SERVER_PORT"))),
+    )
+
+
+class DPoPWSGIMiddleware:
+    """Wrap a WSGI app: ``DPoPWSGIMiddleware(app, settings={...})``.
+
+    The verified :class:`~dpop_middleware.DPoPResult` is put in ``environ["dpop"]``.
+    ``store`` overrides the ``replay_store`` setting with a ready :class:`ReplayStore`.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        settings: Mapping[str, Any] | Settings,
+        *,
+        store: ReplayStore | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings if isinstance(settings, Settings) else Settings.from_dict(settings)
+        self.engine = Engine(self.settings)
+        self._store = store
+
+    @property
+    def store(self) -> ReplayStore:
+        if self._store is None:
+            self._store = create_sync_store(self.settings.replay_store)
+        return self._store
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        outcome = self.engine.run_sync(request_info(environ), self.store)
+        refusal = outcome.refusal
+        if refusal is not None:
+            status = f"{refusal.status} {HTTPStatus(refusal.status).phrase}"
+            headers = [*refusal.headers, ("content-length", str(len(refusal.body)))]
+            start_response(status, [(_title(k), v) for k, v in headers])
+            return [refusal.body]
+        if outcome.result is not None:
+            environ["dpop"] = outcome.result
+        extra = outcome.response_headers
+        if not extra:
+            return self.app(environ, start_response)
+        names = {name for name, _ in extra}
+
+        def start_with_headers(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            kept = [(k, v) for k, v in headers if k.lower() not in names]
+            return start_response(status, kept + [(_title(k), v) for k, v in extra], exc_info)
+
+        return self.app(environ, start_with_headers)
+
+
+def _title(name: str) -> str:
+    return "-".join(part.capitalize() for part in name.split("-")).replace("Dpop", "DPoP")
