@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
+from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey, RSAKey
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -205,7 +205,8 @@ class IssuerKeys:
         self.uri = uri
         self.cache_ttl = cache_ttl
         self.refresh_interval = refresh_interval
-        self.key_set: KeySet | None = None
+        #: The usable public signing keys; None until a JWK Set was loaded.
+        self.key_set: tuple[ECKey | RSAKey | OKPKey | OctKey, ...] | None = None
         self.loaded_at = float("-inf")
         self.attempted_at = float("-inf")
         self.version = 0
@@ -224,7 +225,7 @@ class IssuerKeys:
             and k.get("use", "sig") == "sig" and not (PRIVATE_MEMBERS & set(k))
         ]  # fmt: skip
         try:
-            key_set = KeySet.import_key_set({"keys": usable})
+            key_set = tuple(KeySet.import_key_set({"keys": usable}).keys) if usable else ()
         except (JoseError, ValueError, TypeError) as exc:
             raise ValueError("JWK Set has a malformed key") from exc
         self.key_set = key_set
@@ -255,7 +256,7 @@ class IssuerKeys:
     def has(self, kid: str) -> bool:
         if self.key_set is None:
             return False
-        return any(k.kid == kid for k in self.key_set.keys)
+        return any(k.kid == kid for k in self.key_set)
 
 
 class JWKSFetchNeeded(Exception):

@@ -108,11 +108,11 @@ class AccessTokenChecker:
         if key_set is None:
             raise ServiceUnavailableError("jwks_unavailable", "Signing keys are not available")
         if kid is None:
-            if len(key_set.keys) != 1:
+            if len(key_set) != 1:
                 raise _invalid("kid_missing", "The access token has no kid", scheme)
-            key = key_set.keys[0]
+            key = key_set[0]
         else:
-            matches = [k for k in key_set.keys if k.kid == kid]
+            matches = [k for k in key_set if k.kid == kid]
             if not matches:
                 raise _invalid(
                     "unknown_kid", "The access token is signed by an unknown key", scheme

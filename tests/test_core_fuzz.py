@@ -1,0 +1,94 @@
+"""Property-based: whatever arrives in the Authorization and DPoP headers, the core only ever
+answers with its own refusals (never an unexpected exception, so never a 500)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from conftest import API, FrozenClock
+from core_helpers import Harness, request
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpop_middleware.core.jose import b64encode
+from dpop_middleware.core.verifier import Refusal
+from dpop_middleware.testing import DPoPKey, TokenIssuer
+
+CLOCK = FrozenClock()
+ISSUER = TokenIssuer(audience=API, clock=CLOCK)
+KEY = DPoPKey.generate()
+TOKEN = ISSUER.token(bound_to=KEY)
+HARNESS = Harness(ISSUER.settings(clock=CLOCK))
+BEARER_HARNESS = Harness(ISSUER.settings(clock=CLOCK, mode="dpop_or_bearer"))
+URL = API + "/items"
+
+header_text = st.one_of(
+    st.text(max_size=300),
+    st.binary(max_size=300).map(lambda b: b.decode("latin-1")),
+    st.from_regex(
+        r"[A-Za-z0-9_\-]{0,60}\.[A-Za-z0-9_\-]{0,60}\.[A-Za-z0-9_\-]{0,60}", fullmatch=True
+    ),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def check(h: Harness, headers: list[tuple[str, str]]) -> None:
+    outcome = h.engine.run_sync(request("GET", URL, headers), h.store)
+    assert outcome.result is None or outcome.refusal is None
+    if outcome.refusal is not None:
+        assert isinstance(outcome.refusal, Refusal)
+        assert outcome.refusal.status in (400, 401, 503)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    auth=header_text, proof=header_text, scheme=st.sampled_from(["DPoP ", "Bearer ", "", "dpop  "])
+)
+def test_arbitrary_header_values(auth: str, proof: str, scheme: str) -> None:
+    for h in (HARNESS, BEARER_HARNESS):
+        check(h, [("authorization", scheme + auth), ("dpop", proof)])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=st.dictionaries(st.sampled_from(["typ", "alg", "jwk", "crit", "kid"]), json_values),
+       payload=json_values)  # fmt: skip
+def test_structured_garbage_proofs(header: dict[str, Any], payload: Any) -> None:
+    enc = lambda obj: b64encode(json.dumps(obj).encode())  # noqa: E731
+    proof = f"{enc(header)}.{enc(payload)}.{b64encode(b'x' * 64)}"
+    check(HARNESS, [("authorization", f"DPoP {TOKEN}"), ("dpop", proof)])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(jwk=st.dictionaries(st.sampled_from(["kty", "crv", "x", "y", "n", "e", "alg"]), json_values),
+       alg=st.sampled_from(["ES256", "RS256", "PS256", "EdDSA", "Ed25519", "ES512"]))  # fmt: skip
+def test_garbage_jwk(jwk: dict[str, Any], alg: str) -> None:
+    enc = lambda obj: b64encode(json.dumps(obj).encode())  # noqa: E731
+    proof = f"{enc({'typ': 'dpop+jwt', 'alg': alg, 'jwk': jwk})}.{enc({'jti': 'a'})}.{b64encode(b'x' * 64)}"
+    check(HARNESS, [("authorization", f"DPoP {TOKEN}"), ("dpop", proof)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(min_value=0), char=st.sampled_from("A_-.=x0"))
+def test_mutated_valid_proof(position: int, char: str) -> None:
+    proof = KEY.proof("GET", URL, access_token=TOKEN, iat=CLOCK.now)
+    i = position % len(proof)
+    check(
+        HARNESS, [("authorization", f"DPoP {TOKEN}"), ("dpop", proof[:i] + char + proof[i + 1 :])]
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(host=st.text(max_size=40), path=st.text(max_size=40))
+def test_arbitrary_host_and_path(host: str, path: str) -> None:
+    proof = KEY.proof("GET", URL, access_token=TOKEN, iat=CLOCK.now)
+    info = request("GET", URL, [("authorization", f"DPoP {TOKEN}"), ("dpop", proof)], host=host)
+    info = type(info)(**{**{f: getattr(info, f) for f in info.__slots__}, "path": "/" + path})  # type: ignore[attr-defined]
+    outcome = HARNESS.engine.run_sync(info, HARNESS.store)
+    assert outcome.refusal is None or outcome.refusal.status in (400, 401)

@@ -1,0 +1,150 @@
+"""Settings fail at start-up with a message naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dpop_middleware import ConfigurationError, Settings
+
+BASE: dict[str, Any] = {
+    "issuer": "https://issuer.example",
+    "audience": "https://api.example",
+    "jwks": {"keys": []},
+}
+
+
+def build(**extra: Any) -> Settings:
+    return Settings.from_dict({**BASE, **extra})
+
+
+def test_defaults() -> None:
+    s = build()
+    assert s.algorithms == (
+        "ES256",
+        "ES384",
+        "ES512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "RS256",
+        "EdDSA",
+        "Ed25519",
+    )
+    assert (s.proof_max_age, s.clock_skew, s.leeway) == (60, 10, 5)
+    assert s.mode == "dpop"
+    assert s.replay_store.kind == "memory"
+    assert s.nonce is None
+    assert s.replay_ttl >= s.proof_max_age + s.clock_skew
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        pytest.param({"algoritms": ["ES256"]}, "did you mean 'algorithms'", id="typo-hint"),
+        pytest.param(
+            {"algorithms": ["none"]}, "asymmetric signature algorithms only", id="alg-none"
+        ),
+        pytest.param(
+            {"algorithms": ["HS256"]}, "asymmetric signature algorithms only", id="alg-hs256"
+        ),
+        pytest.param(
+            {"access_token_algorithms": ["HS256"]}, "'access_token_algorithms'", id="at-hs256"
+        ),
+        pytest.param({"algorithms": []}, "'algorithms'", id="alg-empty"),
+        pytest.param({"algorithms": "ES256"}, "'algorithms'", id="alg-string"),
+        pytest.param({"algorithms": ["ES999"]}, "'algorithms': got ['ES999']", id="alg-unknown"),
+        pytest.param({"proof_max_age": 0}, "'proof_max_age'", id="max-age-zero"),
+        pytest.param({"clock_skew": -1}, "'clock_skew'", id="skew-negative"),
+        pytest.param({"leeway": "5"}, "'leeway'", id="leeway-string"),
+        pytest.param({"mode": "bearer"}, "'mode': got 'bearer'", id="mode"),
+        pytest.param({"audience": ""}, "'audience'", id="audience-empty"),
+        pytest.param({"audience": 5}, "'audience'", id="audience-number"),
+        pytest.param({"issuer": ""}, "'issuer'", id="issuer-empty"),
+        pytest.param({"jwks": {"k": 1}}, "'jwks'", id="jwks-shape"),
+        pytest.param({"trusted_proxies": ["not-an-ip"]}, "'trusted_proxies'", id="proxies"),
+        pytest.param({"trusted_proxies": "10.0.0.1"}, "'trusted_proxies'", id="proxies-string"),
+        pytest.param({"public_url": "api.example"}, "'public_url'", id="public-url-relative"),
+        pytest.param(
+            {"public_url": "https://api.example/?q"}, "'public_url'", id="public-url-query"
+        ),
+        pytest.param({"exclude_paths": ["health"]}, "'exclude_paths'", id="exclude-no-slash"),
+        pytest.param({"on_refusal": "log"}, "'on_refusal'", id="hook-not-callable"),
+        pytest.param({"replay_store": "memcached://x"}, "'replay_store'", id="store-scheme"),
+        pytest.param(
+            {"replay_store": {"url": "memory://", "size": 3}}, "'replay_store'", id="store-key"
+        ),
+        pytest.param({"nonce": {"secret": "short"}}, "'nonce.secret'", id="nonce-short"),
+        pytest.param(
+            {"nonce": {"lifetime": 60}}, "'nonce.secret' is missing", id="nonce-no-secret"
+        ),
+        pytest.param(
+            {"nonce": {"secret": "x" * 32, "lifetme": 5}},
+            "did you mean 'lifetime'",
+            id="nonce-typo",
+        ),
+        pytest.param({"nonce": "on"}, "'nonce'", id="nonce-string"),
+        pytest.param(
+            {"strict_access_token_typ": "yes"}, "'strict_access_token_typ'", id="strict-typ"
+        ),
+        pytest.param({"realm": 'a"b'}, "'realm'", id="realm-quote"),
+    ],
+)
+def test_bad_settings_name_the_key(extra: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        build(**extra)
+    assert fragment in str(info.value)
+    assert (
+        "allowed" in str(info.value)
+        or "did you mean" in str(info.value)
+        or "missing" in str(info.value)
+    )
+
+
+def test_secret_is_never_shown() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        build(nonce={"secret": "tiny-secret"})
+    assert "tiny-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param({"issuer": "https://i", "audience": "a"}, id="no-key-source"),
+        pytest.param({**BASE, "jwks_uri": "https://i/jwks"}, id="two-key-sources"),
+        pytest.param({"audience": "a", "jwks": {"keys": []}}, id="no-issuer"),
+        pytest.param({"issuer": "https://i", "jwks": {"keys": []}}, id="no-audience"),
+    ],
+)
+def test_key_source_rules(raw: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        Settings.from_dict(raw)
+
+
+def test_jwks_uri_must_be_https_except_localhost() -> None:
+    base = {"issuer": "https://i", "audience": "a"}
+    with pytest.raises(ConfigurationError, match="'jwks_uri'"):
+        Settings.from_dict({**base, "jwks_uri": "http://issuer.example/jwks"})
+    Settings.from_dict({**base, "jwks_uri": "http://127.0.0.1:8080/jwks"})
+    Settings.from_dict({**base, "jwks_uri": "https://issuer.example/jwks"})
+
+
+def test_token_verifier_needs_no_issuer() -> None:
+    s = Settings.from_dict({"token_verifier": lambda token: {}})
+    assert s.token_verifier is not None
+
+
+def test_not_a_dict() -> None:
+    with pytest.raises(ConfigurationError, match="must be a dict"):
+        Settings.from_dict(["issuer"])  # type: ignore[arg-type]
+
+
+def test_nonce_settings() -> None:
+    s = build(nonce={"secret": ["n" * 32, b"o" * 32], "lifetime": 30, "required": ["/pay"]})
+    assert s.nonce is not None
+    assert s.nonce.secrets == (b"n" * 32, b"o" * 32)
+    assert s.nonce.required == ("/pay",)
+    assert s.nonce.context == "https://api.example"
+    # the jti must be remembered as long as a proof is accepted by its nonce
+    assert s.replay_ttl >= s.nonce.max_age + s.nonce.lifetime
