@@ -19,6 +19,9 @@ from dpop_middleware.errors import (
 
 # RFC 9110 section 11.2: token68 = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_DPOP_OR_BEARER = re.compile(
+    r"([Dd][Pp][Oo][Pp]|[Bb][Ee][Aa][Rr][Ee][Rr]) +([A-Za-z0-9\-._~+/]+=*)"
+)
 _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z0-9!#$%&'*+\-.^_`|~]+)(?: +(?P<token>\S+))? *")
 # RFC 6750 section 3: error_description is %x20-21 / %x23-5B / %x5D-7E.
 _DESCRIPTION_BAD = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
@@ -43,8 +46,13 @@ def read_credentials(
       section 4.3 step 1);
     * no usable credentials: 401 without an error code (RFC 6750 section 3.1).
     """
-    auth = request.header_values("authorization")
-    proofs = request.header_values("dpop")
+    auth: list[str] = []
+    proofs: list[str] = []
+    for name, value in request.headers:  # one pass; duplicates kept
+        if name == "authorization":
+            auth.append(value)
+        elif name == "dpop":
+            proofs.append(value)
     in_query = _query_has_token(request.query_string)
     # A WSGI server joins repeated headers with ", "; token68 has no comma, so a comma after a
     # DPoP or Bearer scheme means two Authorization headers.
@@ -59,19 +67,13 @@ def read_credentials(
         )
     if not auth:
         raise MissingCredentialsError("no_credentials", "No access token")
-    match = _CREDENTIALS.fullmatch(auth[0])
-    if match is None:
-        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
-    scheme = match.group("scheme").lower()
-    token = match.group("token")
-    if scheme not in ("dpop", "bearer"):
-        raise MissingCredentialsError("unsupported_scheme", "Unsupported authorization scheme")
-    if token is None:
-        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
-    if len(token) > max_token_size:
+    if len(auth[0]) > max_token_size + 8:
         raise InvalidRequestError("token_too_large", "Access token too large")
-    if _TOKEN68.fullmatch(token) is None:
-        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
+    fast = _DPOP_OR_BEARER.fullmatch(auth[0])
+    if fast is not None:
+        scheme, token = fast.group(1).lower(), fast.group(2)
+    else:
+        scheme, token = _classify(auth[0])
 
     proof: str | None = None
     if len(proofs) > 1 or (proofs and "," in proofs[0]):
@@ -81,6 +83,20 @@ def read_credentials(
         if len(proof) > max_proof_size:
             raise InvalidDPoPProofError("proof_too_large", "DPoP proof too large")
     return Credentials(scheme, token, proof)
+
+
+def _classify(value: str) -> tuple[str, str]:
+    """The slow path for an Authorization value that is not plain DPoP/Bearer + token68."""
+    match = _CREDENTIALS.fullmatch(value)
+    if match is None:
+        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
+    scheme = match.group("scheme").lower()
+    token = match.group("token")
+    if scheme not in ("dpop", "bearer"):
+        raise MissingCredentialsError("unsupported_scheme", "Unsupported authorization scheme")
+    if token is None or _TOKEN68.fullmatch(token) is None:
+        raise InvalidRequestError("malformed_authorization", "Malformed Authorization header")
+    return scheme, token
 
 
 def _query_has_token(query: str) -> bool:

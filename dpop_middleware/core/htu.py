@@ -20,6 +20,7 @@ and its trailing slash. Query and fragment are ignored.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -77,6 +78,12 @@ def remove_dot_segments(path: str) -> str:
     return "".join(out)
 
 
+# Normalisation is a pure function of its string input and the same few URIs come back on every
+# request, so results are memoised (bounded, thread-safe): this takes it off the hot path.
+_memo = functools.lru_cache(maxsize=4096)
+
+
+@_memo
 def normalize_path(path: str) -> str:
     """Percent-encoding and dot-segment normalisation of a path (case and trailing slash kept)."""
     # Encode whatever is not allowed as-is (spaces, non-ASCII) the way a client would, keep
@@ -98,6 +105,7 @@ def split_host(value: str) -> tuple[str, str | None]:
     return host, match.group("port")
 
 
+@_memo
 def _authority(scheme: str, host_value: str) -> str:
     host, port = split_host(host_value)
     if port and int(port) > 65535:
@@ -107,6 +115,7 @@ def _authority(scheme: str, host_value: str) -> str:
     return f"{host}:{int(port)}"
 
 
+@_memo
 def normalize_uri(uri: str) -> str:
     """Normalise an absolute http(s) URI for comparison, dropping query and fragment.
 

@@ -8,7 +8,6 @@ and a client sends the same key on every request.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -52,8 +51,11 @@ class LRU(Generic[K, V]):
         data = self._data
         value = data.get(key)
         if value is not None:
-            with contextlib.suppress(KeyError):  # removed by another thread in between
+            # A plain try costs nothing here; contextlib.suppress costs about a microsecond.
+            try:  # noqa: SIM105
                 data.move_to_end(key)
+            except KeyError:  # removed by another thread in between
+                pass
         return value
 
     def put(self, key: K, value: V) -> None:
