@@ -5,6 +5,9 @@ Non-HTTP scopes other than websockets (``lifespan``) pass through untouched. A w
 handshake is checked like a ``GET`` of the same URL with ``http``/``https`` in ``htu``, and refused
 before accept: with a denial response where the server supports the
 ``websocket.http.response`` extension, else by closing with code 1008 (policy violation).
+Response headers the verifier asks for (a fresh ``DPoP-Nonce`` with ``Cache-Control: no-store``)
+replace the application's own headers of those names at ``http.response.start`` or
+``websocket.accept``, so the client sees exactly one of each (RFC 9449 section 8).
 The replay store is async (never blocks the loop) and created on first use, so each worker
 process after a fork gets its own connection pool.
 """
@@ -34,9 +37,11 @@ def request_info(scope: Scope) -> RequestInfo:
     """The neutral request view of an ASGI ``http`` or ``websocket`` scope."""
     websocket = scope["type"] == "websocket"
     scheme: str = scope.get("scheme") or ("ws" if websocket else "http")
-    root = scope.get("root_path", "")
+    root: str = scope.get("root_path", "")
     path: str = scope["path"]
-    if root and path.startswith(root):
+    # ASGI puts the mount prefix in both ``root_path`` and ``path``; older servers and test
+    # clients leave it out of ``path``. Strip it only at a segment boundary.
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         path = path[len(root) :]
     raw = scope.get("raw_path")
     client = scope.get("client")
@@ -93,7 +98,7 @@ class DPoPMiddleware:
         outcome = await self.engine.run_async(request_info(scope), self.store)
         if outcome.refusal is not None:
             if kind == "http":
-                await _send_refusal(send, outcome.refusal)
+                await _send_refusal(send, outcome.refusal, head=scope["method"] == "HEAD")
             else:
                 await _deny_websocket(scope, receive, send, outcome.refusal)
             return
@@ -101,17 +106,18 @@ class DPoPMiddleware:
             scope = dict(scope)
             scope["dpop"] = outcome.result
         extra = outcome.response_headers
-        if not extra or kind != "http":
+        if not extra:
             await self.app(scope, receive, send)
             return
+        names = {name.encode("latin-1") for name, _ in extra}
+        added = _encode(extra)
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.accept"):
                 message = dict(message)
-                names = {name.encode() for name, _ in extra}
                 # Replace, never duplicate: exactly one DPoP-Nonce (RFC 9449 section 8).
                 kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in names]
-                message["headers"] = kept + _encode(extra)
+                message["headers"] = kept + added
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -121,13 +127,19 @@ def _refusal_headers(refusal: Refusal) -> list[tuple[bytes, bytes]]:
     return [*_encode(refusal.headers), (b"content-length", str(len(refusal.body)).encode())]
 
 
-async def _send_refusal(send: Send, refusal: Refusal) -> None:
+async def _send_refusal(send: Send, refusal: Refusal, *, head: bool = False) -> None:
     headers = _refusal_headers(refusal)
     await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-    await send({"type": "http.response.body", "body": refusal.body})
+    # A HEAD response has no body (RFC 9110 section 9.3.2); Content-Length stays.
+    await send({"type": "http.response.body", "body": b"" if head else refusal.body})
 
 
 async def _deny_websocket(scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
+    """Refuse a handshake before accept: the refusal as an HTTP response where the server offers
+    the ``websocket.http.response`` extension, else a close with 1008 (the server answers 403)."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return  # the client went away first
     if "websocket.http.response" in (scope.get("extensions") or {}):
         headers = _refusal_headers(refusal)
         await send(
@@ -135,6 +147,4 @@ async def _deny_websocket(scope: Scope, receive: Receive, send: Send, refusal: R
         )
         await send({"type": "websocket.http.response.body", "body": refusal.body})
         return
-    message = await receive()  # websocket.connect
-    if message["type"] == "websocket.connect":
-        await send({"type": "websocket.close", "code": 1008, "reason": refusal.error.reason})
+    await send({"type": "websocket.close", "code": 1008, "reason": refusal.error.reason})

@@ -82,7 +82,8 @@ class DPoPWSGIMiddleware:
             status = f"{refusal.status} {HTTPStatus(refusal.status).phrase}"
             headers = [*refusal.headers, ("content-length", str(len(refusal.body)))]
             start_response(status, [(_title(k), v) for k, v in headers])
-            return [refusal.body]
+            # A HEAD response has no body (RFC 9110 section 9.3.2); Content-Length stays.
+            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [refusal.body]
         if outcome.result is not None:
             environ["dpop"] = outcome.result
         extra = outcome.response_headers
@@ -99,5 +100,9 @@ class DPoPWSGIMiddleware:
         return self.app(environ, start_with_headers)
 
 
+_SPELLING = {"www-authenticate": "WWW-Authenticate", "dpop-nonce": "DPoP-Nonce"}
+
+
 def _title(name: str) -> str:
-    return "-".join(part.capitalize() for part in name.split("-")).replace("Dpop", "DPoP")
+    """The usual spelling of a header name (names are case-insensitive; this is for people)."""
+    return _SPELLING.get(name) or "-".join(part.capitalize() for part in name.split("-"))
