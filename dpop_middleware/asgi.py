@@ -8,8 +8,8 @@ before accept: with a denial response where the server supports the
 Response headers the verifier asks for (a fresh ``DPoP-Nonce`` with ``Cache-Control: no-store``)
 replace the application's own headers of those names at ``http.response.start`` or
 ``websocket.accept``, so the client sees exactly one of each (RFC 9449 section 8).
-The replay store is async (never blocks the loop) and created on first use, so each worker
-process after a fork gets its own connection pool.
+The replay store is async (never blocks the loop); it is built at start-up and opens its
+connections on first use, so each worker process after a fork gets its own connection pool.
 """
 
 from __future__ import annotations
@@ -82,13 +82,11 @@ class DPoPMiddleware:
         self.app = app
         self.settings = settings if isinstance(settings, Settings) else Settings.from_dict(settings)
         self.engine = Engine(self.settings)
-        self._store = store
-
-    @property
-    def store(self) -> AsyncReplayStore:
-        if self._store is None:
-            self._store = create_async_store(self.settings.replay_store)
-        return self._store
+        # Built now, so a bad store setting or a failed ``ping_on_startup`` stops start-up; the
+        # stores open their connections on first use, and again after a fork.
+        self.store: AsyncReplayStore = (
+            store if store is not None else create_async_store(self.settings.replay_store)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

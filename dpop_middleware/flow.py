@@ -80,18 +80,24 @@ class Engine:
         self._log(request, error)
         hook = self.settings.on_refusal
         if hook is not None:
-            outcome = hook(error.reason, self._request_info(request, error))
-            if inspect.isawaitable(outcome):  # an async hook under WSGI: run it to completion
-                asyncio.run(_await(outcome))
+            try:
+                outcome = hook(error.reason, self._request_info(request, error))
+                if inspect.isawaitable(outcome):  # an async hook under WSGI: run it to completion
+                    asyncio.run(_await(outcome))
+            except Exception:  # the user's hook must not turn a refusal into a 500
+                logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
         return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
 
     async def _refuse_async(self, request: RequestInfo, error: DPoPError) -> Outcome:
         self._log(request, error)
         hook = self.settings.on_refusal
         if hook is not None:
-            outcome = hook(error.reason, self._request_info(request, error))
-            if inspect.isawaitable(outcome):
-                await outcome
+            try:
+                outcome = hook(error.reason, self._request_info(request, error))
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:  # the user's hook must not turn a refusal into a 500
+                logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
         return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
 
     # -- JWKS ----------------------------------------------------------------------------------

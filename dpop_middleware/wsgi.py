@@ -3,7 +3,8 @@
 WSGI servers join repeated request headers with ", ": a compact JWS and a token68 never contain a
 comma, so the core treats a comma in ``DPoP`` (or after a ``DPoP``/``Bearer`` scheme in
 ``Authorization``) as two headers and refuses (RFC 9449 section 4.3 step 1).
-The replay store is created on first use, so each worker process after a fork has its own pool.
+The replay store is built at start-up and connects on first use, so each worker process after a
+fork has its own pool.
 """
 
 from __future__ import annotations
@@ -67,13 +68,11 @@ class DPoPWSGIMiddleware:
         self.app = app
         self.settings = settings if isinstance(settings, Settings) else Settings.from_dict(settings)
         self.engine = Engine(self.settings)
-        self._store = store
-
-    @property
-    def store(self) -> ReplayStore:
-        if self._store is None:
-            self._store = create_sync_store(self.settings.replay_store)
-        return self._store
+        # Built now, so a bad store setting or a failed ``ping_on_startup`` stops start-up; the
+        # stores open their connections on first use, and again after a fork.
+        self.store: ReplayStore = (
+            store if store is not None else create_sync_store(self.settings.replay_store)
+        )
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         outcome = self.engine.run_sync(request_info(environ), self.store)

@@ -226,7 +226,10 @@ def test_exclude_paths_and_preflight(make_settings: Any) -> None:
     assert h.send("GET", API + "/health").outcome.result is None
     assert h.send("GET", API + "/health").status == 200
     assert h.send("GET", API + "/docs/openapi.json").status == 200
-    assert h.send("OPTIONS", API + "/items").status == 200
+    preflight = [("origin", "https://app.example"), ("access-control-request-method", "GET")]
+    assert h.send("OPTIONS", API + "/items", preflight).status == 200
+    # an OPTIONS request that is not a CORS preflight is checked like any other
+    assert h.send("OPTIONS", API + "/items").status == 401
     # segment boundaries and dot-segments cannot be used to sneak past
     assert h.send("GET", API + "/healthz").status == 401
     assert h.send("GET", API + "/health/../items").status == 401
@@ -282,3 +285,29 @@ def test_refusal_response_headers_and_body(h: Harness) -> None:
         "error": "unauthorized",
         "error_description": "No access token",
     }
+
+
+def test_hook_that_raises_does_not_turn_a_refusal_into_an_error(
+    make_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(reason: str, info: Any) -> None:
+        raise RuntimeError("metrics backend down")
+
+    h = Harness(make_settings(on_refusal=broken))
+    with caplog.at_level("WARNING", logger="dpop_middleware"):
+        answer = h.send("GET", URL)
+    assert (answer.status, answer.reason) == (401, "no_credentials")
+    assert "on_refusal_hook_failed reason=no_credentials" in caplog.text
+
+
+@pytest.mark.parametrize("host", ["api_server:8000", "API_Server", "a.b_c.example"])
+def test_underscore_hosts_are_valid_reg_names(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, host: str
+) -> None:
+    token = issuer.token(bound_to=dpop_key)
+    url = f"http://{host}/items"
+    headers = [
+        ("authorization", f"DPoP {token}"),
+        ("dpop", dpop_key.proof("GET", url, access_token=token)),
+    ]
+    assert h.send("GET", url, headers).status == 200

@@ -234,12 +234,6 @@ def test_exclude_paths_are_below_the_mount_prefix(
     assert (health.status, health.json()) == (200, {"ok": True})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="core bug: core/htu.py _HOST_RE refuses '_' although RFC 3986 reg-name allows it "
-    "(e.g. docker-compose service names); every request to such a host gets 400 invalid_host",
-)
 @pytest.mark.parametrize("framework", ["starlette", "flask"])  # Django refuses such hosts itself
 def test_host_with_an_underscore_is_a_valid_reg_name(
     framework: str,

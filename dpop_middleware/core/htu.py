@@ -30,10 +30,11 @@ from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.errors import InvalidDPoPProofError, InvalidRequestError
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
-# RFC 3986 section 3.2.2, restricted to what a real HTTP host is: a DNS name, IPv4, or an IPv6
-# literal in brackets; then an optional port.
+# RFC 3986 section 3.2.2, restricted to what a real HTTP host is: a name of letters, digits, "-",
+# "." and "_" (reg-name allows "_", and container service names use it), IPv4, or an IPv6
+# literal in brackets; then an optional port. No "@", "/", "?", "#" or "%" can get through.
 _HOST_RE = re.compile(
-    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9])?)(?::(?P<port>[0-9]{0,5}))?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_](?:[A-Za-z0-9\-._]*[A-Za-z0-9_])?)(?::(?P<port>[0-9]{0,5}))?"
 )
 _URI_RE = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)"

@@ -114,15 +114,17 @@ class Verifier:
 
     # -- which requests ------------------------------------------------------------------------
 
-    def is_protected(self, method: str, path: str) -> bool:
-        """False for CORS preflight and for ``exclude_paths`` (matched on the normalised path, at
-        segment boundaries, so ``/health/../admin`` or ``/healthx`` is not excluded by ``/health``).
+    def is_protected(self, request: RequestInfo) -> bool:
+        """False for a CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``, which
+        browsers send without credentials) and for ``exclude_paths`` (matched on the normalised
+        path at segment boundaries, so ``/health/../admin`` or ``/healthx`` is not excluded by
+        ``/health``). Any other ``OPTIONS`` request is checked like every method.
         """
-        if method == "OPTIONS":
+        if request.method == "OPTIONS" and request.header_values("access-control-request-method"):
             return False
         if not self.settings.exclude_paths:
             return True
-        normal = normalize_path(path)
+        normal = normalize_path(request.path)
         for excluded in self.settings.exclude_paths:
             if normal == excluded or normal.startswith(excluded.rstrip("/") + "/"):
                 return False
@@ -140,7 +142,7 @@ class Verifier:
     # -- the checks ----------------------------------------------------------------------------
 
     def check(self, request: RequestInfo) -> Pending | None:
-        if not self.is_protected(request.method, request.path):
+        if not self.is_protected(request):
             return None
         settings = self.settings
         now = self._clock()
