@@ -58,3 +58,6 @@ def make_settings(issuer: TokenIssuer, clock: FrozenClock) -> Callable[..., dict
         return issuer.settings(clock=clock, **extra)
 
     return make
+
+
+from redis_fixtures import *  # noqa: E402, F403

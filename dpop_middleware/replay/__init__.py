@@ -2,12 +2,15 @@
 
 ``replay_store`` setting: ``"memory://"`` (default; ``"memory://?max_entries=N"``), a dict
 ``{"url": "memory://", "max_entries": N}``, or a ready store object that implements
-:class:`ReplayStore` / :class:`AsyncReplayStore`. Redis URLs and clients are handled in
-:mod:`dpop_middleware.replay.redis` (the only module that imports ``redis``).
+:class:`ReplayStore` / :class:`AsyncReplayStore`. Redis: a ``redis://``, ``rediss://`` or
+``unix://`` URL, a dict with such a ``url`` (or an application's ``client``) and options, or a
+redis-py client object; these are checked and built in :mod:`dpop_middleware.replay.redis`, the
+only module that imports ``redis`` (loaded only when the setting names Redis).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +41,7 @@ _ALLOWED = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class ReplayStoreConfig:
     """The validated ``replay_store`` setting. ``client`` is a user-supplied object, if any."""
 
@@ -47,10 +50,36 @@ class ReplayStoreConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     client: Any = None
 
+    def __repr__(self) -> str:
+        # Never show a Redis password (settings end up in logs and tracebacks).
+        hidden = {"url", "sentinel_password", "client"}
+        options = {k: v for k, v in self.options.items() if k not in hidden and v is not None}
+        client = f", client={type(self.client).__name__}" if self.client is not None else ""
+        return (
+            f"ReplayStoreConfig(kind={self.kind!r}, url={_redact(self.url)!r}, "
+            f"options={options!r}{client})"
+        )
+
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s'\"]*:)[^@/\s'\"]*@|((?:[?&])password=)[^&\s'\"]*")
+
+
+def _redact(text: str) -> str:
+    """``text`` with URL passwords (``://user:secret@`` and ``password=``) replaced by ``***``."""
+    return _PASSWORD_IN_URL.sub(lambda m: f"{m[1]}***@" if m[1] else f"{m[2]}***", text)
+
+
+def _is_redis_client(value: Any) -> bool:
+    """A redis-py client (or a subclass of one), recognised without importing ``redis``."""
+    return any(
+        cls.__module__ == "redis" or cls.__module__.startswith("redis.")
+        for cls in type(value).__mro__
+    )
+
 
 def _fail(value: Any, allowed: str = _ALLOWED) -> ConfigurationError:
     return ConfigurationError(
-        f"dpop_middleware setting 'replay_store': got {value!r}; allowed: {allowed}"
+        f"dpop_middleware setting 'replay_store': got {_redact(repr(value))}; allowed: {allowed}"
     )
 
 
@@ -60,6 +89,10 @@ def validate_replay_store_setting(value: Any) -> ReplayStoreConfig:
     if isinstance(value, str):
         value = {"url": value}
     if isinstance(value, Mapping):
+        if "client" in value:
+            from dpop_middleware.replay.redis import validate_redis_options
+
+            return ReplayStoreConfig("redis", "", validate_redis_options(value), value["client"])
         url = value.get("url", "memory://")
         if not isinstance(url, str):
             raise _fail(value)
@@ -85,10 +118,10 @@ def validate_replay_store_setting(value: Any) -> ReplayStoreConfig:
         raise _fail(value)
     if isinstance(value, ReplayStore | AsyncReplayStore):
         return ReplayStoreConfig("object", client=value)
-    if type(value).__module__.startswith("redis"):
+    if _is_redis_client(value):
         from dpop_middleware.replay.redis import validate_redis_options
 
-        return ReplayStoreConfig("redis", "", validate_redis_options({}), client=value)
+        return ReplayStoreConfig("redis", "", validate_redis_options({"client": value}), value)
     raise _fail(value)
 
 

@@ -1,22 +1,667 @@
-"""Redis replay store (placeholder until the Redis issue lands)."""
+"""Redis replay store: one atomic ``SET <prefix><key> 1 NX PX <ttl>`` per request.
+
+RFC 9449 section 11.1: to detect a replayed proof, the server remembers each proof's ``jti`` for
+the time window in which that proof would be accepted. When several workers serve one API they
+must share that memory, and Redis is the shared memory. ``SET ... NX PX`` decides and records in a single command, so two workers
+racing on one proof cannot both see "first use" (no read-then-write, no script).
+
+Keys are ``key_prefix`` + the hex of the verifier's SHA-256 replay key (over the key thumbprint
+and ``jti``): uniformly spread over Redis Cluster slots, and ``key_prefix`` may not contain
+``{`` or ``}`` so it can never become a hash tag that pins every key to one slot.
+
+Fail closed: every Redis error or timeout becomes :class:`~dpop_middleware.errors.ReplayStoreError`
+(the engine answers 503 with ``Retry-After``). Clients built here make exactly one attempt per
+request (redis-py's default retries with back-off would hold a request far past ``timeout``), live
+one per process (rebuilt after a fork, so workers never share a socket) and, for the async store,
+one per event loop. Nothing is remembered about a failure, so requests pass again as soon as
+Redis answers.
+
+This is the only module that imports ``redis``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+import difflib
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
-from dpop_middleware.errors import ConfigurationError
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
+
+from dpop_middleware.errors import ConfigurationError, ReplayStoreError
+
+if TYPE_CHECKING:
+    from dpop_middleware.replay import ReplayStoreConfig
+
+__all__ = [
+    "DEFAULTS",
+    "AsyncRedisReplayStore",
+    "RedisReplayStore",
+    "px_for",
+    "redact_url",
+    "validate_redis_options",
+]
+
+logger = logging.getLogger("dpop_middleware")
+
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+#: Build a client; also returns the helper clients to close with it (a Sentinel's own clients).
+SyncConnect = Callable[[], tuple[SyncClient, tuple[redis.Redis, ...]]]
+AsyncConnect = Callable[[], tuple[AsyncClient, tuple[redis.asyncio.Redis, ...]]]
+
+#: Every key of the ``replay_store`` dict with its default. ``url`` is required unless ``client``
+#: (an application's own client object) is given; ``client`` takes only ``key_prefix`` beside it.
+DEFAULTS: Mapping[str, Any] = {
+    "url": None,
+    "key_prefix": "dpop:",
+    "cluster": False,
+    "timeout": 0.5,
+    "ping_on_startup": False,
+    "sentinels": None,
+    "sentinel_password": None,
+    "client": None,
+}
+_CLIENT_KEYS = frozenset({"client", "key_prefix"})
+_MAX_TIMEOUT = 60.0
+_MAX_PX = 2**62
+
+_URL_FORMS = (
+    "redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or "
+    "unix://[[user]:password@]/path/to/redis.sock[?db=N]"
+)
+_TLS_QUERY = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+_CERT_REQS = ("none", "optional", "required")
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+#: What a Redis call may raise: redis-py's own errors (connection, timeout, response, cluster)
+#: and the socket errors it may let through.
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 
-def validate_redis_options(value: Mapping[str, Any]) -> Mapping[str, Any]:
-    raise ConfigurationError("dpop_middleware setting 'replay_store': Redis is not available yet")
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (user info or ``password=`` query) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hostport}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _shown(key: str, value: Any) -> str:
+    if key == "url" and isinstance(value, str):
+        return repr(redact_url(value))
+    if key == "sentinel_password":
+        return "<hidden>"
+    return repr(value)
+
+
+def _bad(key: str, value: Any, allowed: str, problem: str = "") -> ConfigurationError:
+    why = f" ({problem})" if problem else ""
+    return ConfigurationError(
+        f"dpop_middleware setting 'replay_store' key {key!r}: got {_shown(key, value)}{why}; "
+        f"allowed: {allowed}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """Where a Redis URL points, as redis-py connection keyword arguments."""
+
+    kwargs: Mapping[str, Any]  # host/port or unix_socket_path, db, username, password, ssl_*
+    host: str | None  # the TCP host; with Sentinel, the service name
+
+
+def _parse_url(url: Any, *, sentinel: bool = False) -> _Endpoint:
+    """Parse and check a ``redis://``, ``rediss://`` or ``unix://`` URL (ConfigurationError)."""
+    if not isinstance(url, str):
+        raise _bad("url", url, _URL_FORMS)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _bad("url", url, _URL_FORMS, "malformed URL or port") from None
+    if port == 0:
+        raise _bad("url", url, _URL_FORMS, "port 0")
+    scheme = parts.scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise _bad("url", url, _URL_FORMS, f"unsupported scheme {scheme!r}")
+    if parts.fragment:
+        raise _bad("url", url, _URL_FORMS, "a URL fragment is not allowed")
+    allowed_query = ("db", "password", *(_TLS_QUERY if scheme == "rediss" else ()))
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise _bad("url", url, _URL_FORMS, "malformed query string") from None
+    for name, values in query.items():
+        if name not in allowed_query:
+            raise _bad(
+                "url", url, f"query parameters {', '.join(allowed_query)}",
+                f"unknown query parameter {name!r}",
+            )  # fmt: skip
+        if len(values) != 1:
+            raise _bad("url", url, _URL_FORMS, f"query parameter {name!r} given twice")
+    params = {name: values[0] for name, values in query.items()}
+
+    kwargs: dict[str, Any] = {}
+    if parts.username:
+        kwargs["username"] = unquote(parts.username)
+    password = unquote(parts.password) if parts.password else params.get("password")
+    if password:
+        kwargs["password"] = password
+
+    db_text = params.get("db")
+    host: str | None = None
+    if scheme == "unix":
+        if parts.hostname or port is not None:
+            raise _bad(
+                "url", url, _URL_FORMS,
+                "a unix:// URL takes no host: write unix:///absolute/path/to/redis.sock",
+            )  # fmt: skip
+        if not parts.path or parts.path == "/":
+            raise _bad("url", url, _URL_FORMS, "the socket path is missing")
+        kwargs["unix_socket_path"] = unquote(parts.path)
+    else:
+        host = unquote(parts.hostname) if parts.hostname else None
+        if not host:
+            raise _bad("url", url, _URL_FORMS, "the host is missing")
+        if sentinel:
+            if port is not None:
+                raise _bad(
+                    "url", url, "redis://[[user]:password@]service_name[/db]",
+                    "with 'sentinels' the URL's host is the Sentinel service name and takes no "
+                    "port",
+                )  # fmt: skip
+        else:
+            kwargs["host"] = host
+            kwargs["port"] = 6379 if port is None else port
+        path = parts.path.strip("/")
+        if path:
+            if db_text is not None:
+                raise _bad("url", url, _URL_FORMS, "the db is given twice (path and ?db=)")
+            db_text = path
+        if scheme == "rediss":
+            kwargs.update(_tls_options(url, params))
+    if db_text is not None:
+        if not (db_text.isascii() and db_text.isdigit()):
+            raise _bad("url", url, _URL_FORMS, f"db must be a whole number >= 0, got {db_text!r}")
+        kwargs["db"] = int(db_text)
+    return _Endpoint(kwargs, host)
+
+
+def _tls_options(url: str, params: Mapping[str, str]) -> dict[str, Any]:
+    tls: dict[str, Any] = {"ssl": True}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in params:
+            tls[name] = params[name]
+    if "ssl_cert_reqs" in params:
+        if params["ssl_cert_reqs"] not in _CERT_REQS:
+            raise _bad("url", url, f"ssl_cert_reqs one of {', '.join(_CERT_REQS)}")
+        tls["ssl_cert_reqs"] = params["ssl_cert_reqs"]
+    if "ssl_check_hostname" in params:
+        flag = _BOOLS.get(params["ssl_check_hostname"].lower())
+        if flag is None:
+            raise _bad("url", url, "ssl_check_hostname=true or false")
+        tls["ssl_check_hostname"] = flag
+    return tls
+
+
+def _sentinel_nodes(value: Any) -> tuple[tuple[str, int], ...]:
+    allowed = "a non-empty list of 'host:port' strings or (host, port) pairs"
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        raise _bad("sentinels", value, allowed)
+    nodes = []
+    for entry in value:
+        if isinstance(entry, str):
+            host, colon, port_text = entry.rpartition(":")
+            if not colon or not (port_text.isascii() and port_text.isdigit()):
+                raise _bad("sentinels", value, allowed, f"{entry!r} has no port")
+            host, port = host.strip("[]"), int(port_text)
+        elif (
+            isinstance(entry, Sequence)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], int)
+            and not isinstance(entry[1], bool)
+        ):
+            host, port = entry[0], entry[1]
+        else:
+            raise _bad("sentinels", value, allowed, f"bad entry {entry!r}")
+        if not host or not 0 < port < 65536:
+            raise _bad("sentinels", value, allowed, f"bad entry {entry!r}")
+        nodes.append((host, port))
+    return tuple(nodes)
+
+
+def _is_client(value: Any) -> bool:
+    return isinstance(
+        value,
+        redis.Redis
+        | redis.cluster.RedisCluster
+        | redis.asyncio.Redis
+        | redis.asyncio.cluster.RedisCluster,
+    )
+
+
+def validate_redis_options(value: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a Redis ``replay_store`` dict (``{"url": ...}`` or ``{"client": ...}``) once, at
+    start-up; the result has every key, with defaults filled in. Raises ConfigurationError
+    naming the key, the value and what is allowed; unknown keys are an error."""
+    unknown = sorted(set(value) - set(DEFAULTS), key=str)
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(str(name), list(DEFAULTS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigurationError(
+            f"dpop_middleware setting 'replay_store': unknown key {name!r}{hint}; "
+            f"allowed keys: {', '.join(DEFAULTS)}"
+        )
+    options = {**DEFAULTS, **value}
+
+    prefix = options["key_prefix"]
+    if not isinstance(prefix, str) or "{" in prefix or "}" in prefix or len(prefix) > 200:
+        raise _bad(
+            "key_prefix", prefix,
+            "a string of at most 200 characters without '{' or '}' (a hash tag would put every "
+            "key in one cluster slot), e.g. 'dpop:'",
+        )  # fmt: skip
+
+    if options["client"] is not None:
+        if not _is_client(options["client"]):
+            raise _bad(
+                "client", options["client"],
+                "a redis.Redis, redis.RedisCluster, redis.asyncio.Redis or "
+                "redis.asyncio.RedisCluster (for Sentinel: sentinel.master_for(name))",
+            )  # fmt: skip
+        extra = sorted(k for k in value if k not in _CLIENT_KEYS)
+        if extra:
+            raise _bad(
+                extra[0], value[extra[0]],
+                "only 'key_prefix' beside 'client' (configure timeouts, TLS and pools on the "
+                "client itself)",
+            )  # fmt: skip
+        return options
+
+    for key in ("cluster", "ping_on_startup"):
+        if not isinstance(options[key], bool):
+            raise _bad(key, options[key], "True or False")
+    timeout = options["timeout"]
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= _MAX_TIMEOUT
+    ):
+        raise _bad("timeout", timeout, f"a number of seconds > 0 and <= {_MAX_TIMEOUT:g}")
+    options["timeout"] = float(timeout)
+
+    password = options["sentinel_password"]
+    if password is not None and not isinstance(password, str):
+        raise _bad("sentinel_password", password, "a string or None")
+    sentinel = options["sentinels"] is not None
+    if sentinel:
+        options["sentinels"] = _sentinel_nodes(options["sentinels"])
+        if options["cluster"]:
+            raise _bad("sentinels", value["sentinels"], "either 'sentinels' or 'cluster', not both")
+    elif password is not None:
+        raise _bad("sentinel_password", password, "only together with 'sentinels'")
+
+    url = options["url"]
+    if url is None:
+        raise _bad("url", url, _URL_FORMS, "'url' (or 'client') is required")
+    endpoint = _parse_url(url, sentinel=sentinel)
+    if options["cluster"]:
+        if "unix_socket_path" in endpoint.kwargs:
+            raise _bad("url", url, "redis:// or rediss:// with 'cluster'")
+        if endpoint.kwargs.get("db", 0) != 0:
+            raise _bad("url", url, "db 0 only with 'cluster' (Redis Cluster has one database)")
+    if sentinel and "unix_socket_path" in endpoint.kwargs:
+        raise _bad("url", url, "redis://[[user]:password@]service_name[/db] with 'sentinels'")
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# building clients
+
+
+def _describe(options: Mapping[str, Any]) -> str:
+    client = options.get("client")
+    if client is not None:
+        return f"client {type(client).__module__}.{type(client).__qualname__}"
+    url = redact_url(options["url"])
+    if options["cluster"]:
+        return f"cluster {url}"
+    if options["sentinels"]:
+        nodes = ",".join(f"{host}:{port}" for host, port in options["sentinels"])
+        return f"sentinel {url} via {nodes}"
+    return url
+
+
+def _timeouts(options: Mapping[str, Any]) -> dict[str, float]:
+    return {"socket_timeout": options["timeout"], "socket_connect_timeout": options["timeout"]}
+
+
+def _sentinel_kwargs(options: Mapping[str, Any], retry: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {**_timeouts(options), "retry": retry}
+    if options["sentinel_password"] is not None:
+        kwargs["password"] = options["sentinel_password"]
+    return kwargs
+
+
+def _sync_connect(options: Mapping[str, Any]) -> SyncConnect:
+    """A function that builds a fresh sync client for these (validated) options."""
+    endpoint = _parse_url(options["url"], sentinel=options["sentinels"] is not None)
+    kwargs = {**endpoint.kwargs, **_timeouts(options)}
+    service = endpoint.host or ""
+
+    def connect() -> tuple[SyncClient, tuple[redis.Redis, ...]]:
+        retry = Retry(NoBackoff(), 0)
+        if options["cluster"]:
+            return redis.cluster.RedisCluster(retry=retry, **kwargs), ()
+        if options["sentinels"]:
+            sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                list(options["sentinels"]),
+                sentinel_kwargs=_sentinel_kwargs(options, Retry(NoBackoff(), 0)),
+                retry=retry,
+                **kwargs,
+            )
+            client: redis.Redis = sentinel.master_for(service)  # type: ignore[no-untyped-call]
+            return client, tuple(sentinel.sentinels)
+        return redis.Redis(retry=retry, **kwargs), ()
+
+    return connect
+
+
+def _async_connect(options: Mapping[str, Any]) -> AsyncConnect:
+    """A function that builds a fresh async client (connections are opened on first use)."""
+    endpoint = _parse_url(options["url"], sentinel=options["sentinels"] is not None)
+    kwargs = {**endpoint.kwargs, **_timeouts(options)}
+    service = endpoint.host or ""
+
+    def connect() -> tuple[AsyncClient, tuple[redis.asyncio.Redis, ...]]:
+        retry = AsyncRetry(NoBackoff(), 0)
+        if options["cluster"]:
+            return redis.asyncio.cluster.RedisCluster(retry=retry, **kwargs), ()
+        if options["sentinels"]:
+            sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                list(options["sentinels"]),
+                sentinel_kwargs=_sentinel_kwargs(options, AsyncRetry(NoBackoff(), 0)),
+                retry=retry,
+                **kwargs,
+            )
+            client: redis.asyncio.Redis = sentinel.master_for(service)
+            return client, tuple(sentinel.sentinels)
+        return redis.asyncio.Redis(retry=retry, **kwargs), ()
+
+    return connect
+
+
+def _close_sync(client: SyncClient | None, extras: Sequence[redis.Redis]) -> None:
+    for each in (client, *extras):
+        if each is not None:
+            each.close()
+
+
+def _ping_on_startup(
+    connect: SyncConnect, where: str
+) -> tuple[SyncClient, tuple[redis.Redis, ...]]:
+    """PING once (``ping_on_startup``); a failure stops start-up with ReplayStoreError."""
+    built: tuple[SyncClient, tuple[redis.Redis, ...]] | None = None
+    try:
+        built = connect()
+        built[0].ping()
+    except _REDIS_ERRORS as exc:
+        if built is not None:
+            _close_sync(*built)
+        logger.error(
+            "dpop replay_store_ping_failed backend=%s cause=%s: %s",
+            where,
+            type(exc).__name__,
+            exc,
+        )
+        raise ReplayStoreError(
+            f"replay_store: PING to {where} failed at start-up (ping_on_startup=True): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    logger.info("dpop replay_store_ping ok backend=%s", where)
+    return built
+
+
+# --------------------------------------------------------------------------------------------
+# the stores
+
+
+def px_for(ttl: float) -> int:
+    """``ttl`` seconds as whole milliseconds for ``PX``: rounded up, never below 1 ms."""
+    if not ttl > 0:  # also NaN
+        return 1
+    ms = ttl * 1000.0
+    if ms >= _MAX_PX:
+        return _MAX_PX
+    # round() first so that 0.05 s is 50 ms, not 51 (0.05 * 1000 == 50.00000000000001).
+    return max(1, math.ceil(round(ms, 6)))
+
+
+class _Health:
+    """One log line when the backend goes down and one when it is back (not one per request)."""
+
+    __slots__ = ("down", "where")
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.down = False
+
+    def failed(self, exc: BaseException) -> ReplayStoreError:
+        if not self.down:
+            self.down = True
+            logger.error(
+                "dpop replay_store_down backend=%s cause=%s: %s; refusing DPoP requests with 503 "
+                "until it answers",
+                self.where,
+                type(exc).__name__,
+                exc,
+            )
+        return ReplayStoreError(f"redis SET NX failed ({self.where}): {type(exc).__name__}: {exc}")
+
+    def recovered(self) -> None:
+        self.down = False
+        logger.warning("dpop replay_store_recovered backend=%s", self.where)
 
 
 class RedisReplayStore:
+    """Sync Redis store (for WSGI). Thread-safe; one client per process.
+
+    Build it from the ``replay_store`` setting (:meth:`from_config`), or wrap an application's
+    own ``redis.Redis`` / ``redis.RedisCluster`` (``RedisReplayStore(client)``): such a client is
+    used as it is (its timeouts, retries and TLS) and is never closed by the store.
+    """
+
+    def __init__(
+        self,
+        client: SyncClient | None = None,
+        *,
+        key_prefix: str = DEFAULTS["key_prefix"],
+        connect: SyncConnect | None = None,
+        where: str | None = None,
+    ) -> None:
+        if (client is None) == (connect is None):
+            raise ValueError("pass either a client or a connect function")
+        self._prefix = key_prefix.encode()
+        self._connect = connect
+        self._client = client
+        self._extras: tuple[redis.Redis, ...] = ()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._health = _Health(where or _describe({"client": client}))
+
     @classmethod
-    def from_config(cls, config: Any) -> Any:
-        raise ConfigurationError("Redis replay store is not available yet")
+    def from_config(cls, config: ReplayStoreConfig) -> RedisReplayStore:
+        options = config.options
+        if config.client is not None:
+            if not isinstance(config.client, redis.Redis | redis.cluster.RedisCluster):
+                raise _bad(
+                    "client", config.client,
+                    "redis.Redis or redis.RedisCluster under WSGI (an asyncio client needs ASGI)",
+                )  # fmt: skip
+            return cls(config.client, key_prefix=options["key_prefix"])
+        where = _describe(options)
+        connect = _sync_connect(options)
+        store = cls(connect=connect, key_prefix=options["key_prefix"], where=where)
+        if options["ping_on_startup"]:
+            store._client, store._extras = _ping_on_startup(connect, where)
+        return store
+
+    def _current(self) -> SyncClient:
+        client = self._client
+        if self._connect is None:
+            assert client is not None
+            return client
+        pid = os.getpid()
+        if client is not None and self._pid == pid:
+            return client
+        with self._lock:
+            # After a fork the parent's client is dropped, never used or closed here: its
+            # sockets belong to the parent (redis-py does not shut down a socket of another pid).
+            if self._client is None or self._pid != pid:
+                self._client, self._extras = self._connect()  # RedisCluster connects: may raise
+                self._pid = pid
+            return self._client
+
+    def redis_key(self, key: bytes) -> bytes:
+        """The Redis key for a replay key: ``key_prefix`` + hex (no hash tag)."""
+        return self._prefix + key.hex().encode("ascii")
+
+    def add(self, key: bytes, ttl: float) -> bool:
+        """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use)."""
+        try:
+            reply = self._current().set(self.redis_key(key), b"1", nx=True, px=px_for(ttl))
+        except _REDIS_ERRORS as exc:
+            raise self._health.failed(exc) from exc
+        if self._health.down:
+            self._health.recovered()
+        return bool(reply)
+
+    def close(self) -> None:
+        """Close the client this store built (in this process); an app's own client is left."""
+        if self._connect is None:
+            return
+        with self._lock:
+            client, self._client = self._client, None
+            extras, self._extras = self._extras, ()
+        if self._pid == os.getpid():
+            _close_sync(client, extras)
 
 
-class AsyncRedisReplayStore(RedisReplayStore):
-    pass
+class AsyncRedisReplayStore:
+    """Async Redis store (redis.asyncio, for ASGI); same behaviour as :class:`RedisReplayStore`.
+
+    A client built from settings is bound to the event loop and process that first use it, and
+    rebuilt if either changes. An application's own client is used as it is and never closed.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient | None = None,
+        *,
+        key_prefix: str = DEFAULTS["key_prefix"],
+        connect: AsyncConnect | None = None,
+        where: str | None = None,
+    ) -> None:
+        if (client is None) == (connect is None):
+            raise ValueError("pass either a client or a connect function")
+        self._prefix = key_prefix.encode()
+        self._connect = connect
+        self._client = client
+        self._extras: tuple[redis.asyncio.Redis, ...] = ()
+        self._pid = os.getpid()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._health = _Health(where or _describe({"client": client}))
+
+    @classmethod
+    def from_config(cls, config: ReplayStoreConfig) -> AsyncRedisReplayStore:
+        options = config.options
+        if config.client is not None:
+            if not isinstance(
+                config.client, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+            ):
+                raise _bad(
+                    "client", config.client,
+                    "redis.asyncio.Redis or redis.asyncio.RedisCluster under ASGI (a sync client "
+                    "would block the event loop)",
+                )  # fmt: skip
+            return cls(config.client, key_prefix=options["key_prefix"])
+        where = _describe(options)
+        if options["ping_on_startup"]:
+            # Creation is synchronous, so the start-up PING uses a short-lived sync client with
+            # the same settings (it blocks for at most about ``timeout``, once).
+            _close_sync(*_ping_on_startup(_sync_connect(options), where))
+        return cls(connect=_async_connect(options), key_prefix=options["key_prefix"], where=where)
+
+    def _current(self) -> AsyncClient:
+        client = self._client
+        if self._connect is None:
+            assert client is not None
+            return client
+        loop = asyncio.get_running_loop()
+        pid = os.getpid()
+        if client is None or self._loop is not loop or self._pid != pid:
+            # A client of another loop or process is dropped, not closed: its connections
+            # cannot be used or awaited from here.
+            client, self._extras = self._connect()
+            self._client, self._loop, self._pid = client, loop, pid
+        return client
+
+    def redis_key(self, key: bytes) -> bytes:
+        """The Redis key for a replay key: ``key_prefix`` + hex (no hash tag)."""
+        return self._prefix + key.hex().encode("ascii")
+
+    async def add(self, key: bytes, ttl: float) -> bool:
+        """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use)."""
+        try:
+            reply = await self._current().set(self.redis_key(key), b"1", nx=True, px=px_for(ttl))
+        except _REDIS_ERRORS as exc:
+            raise self._health.failed(exc) from exc
+        if self._health.down:
+            self._health.recovered()
+        return bool(reply)
+
+    async def aclose(self) -> None:
+        """Close the client this store built (on this loop); an app's own client is left."""
+        if self._connect is None:
+            return
+        client, self._client = self._client, None
+        extras, self._extras = self._extras, ()
+        if client is None or self._pid != os.getpid():
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            for each in (client, *extras):
+                await each.aclose()

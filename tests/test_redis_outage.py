@@ -1,0 +1,137 @@
+"""Fail closed: while Redis is hung or down every DPoP request gets 503 with Retry-After, none
+passes unchecked; when Redis is back requests pass again, with no restart.
+
+Each test runs its own ``redis-server`` and pauses (SIGSTOP), stops and restarts it on the same
+port. ASGI with the async store, WSGI with the sync store: the same script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httpx
+import pytest
+from conftest import API
+from redis_fixtures import RedisServer
+
+from dpop_middleware import DPoPMiddleware, DPoPWSGIMiddleware
+from dpop_middleware.testing import DPoPKey, TokenIssuer
+
+TIMEOUT = 0.25
+
+Send = Callable[[dict[str, str]], httpx.Response]
+
+
+async def asgi_ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def wsgi_ok(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert "www-authenticate" not in response.headers  # not the client's fault
+
+
+def outage_script(
+    send: Send,
+    server: RedisServer,
+    issuer: TokenIssuer,
+    key: DPoPKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    token = issuer.token(bound_to=key)
+
+    def fresh() -> dict[str, str]:
+        return {
+            "Authorization": f"DPoP {token}",
+            "DPoP": key.proof("GET", f"{API}/items", access_token=token),
+        }
+
+    used = fresh()
+    assert send(used).status_code == 200
+    assert send(used).status_code == 401
+
+    # Hung: the port accepts, nothing answers. Refused within about the timeout.
+    server.pause()
+    try:
+        for headers in (fresh(), fresh(), used):
+            started = time.monotonic()
+            assert_unavailable(send(headers))
+            assert time.monotonic() - started < 4 * TIMEOUT + 0.5
+    finally:
+        server.resume()
+    assert send(fresh()).status_code == 200
+
+    # Down: connection refused.
+    server.stop()
+    for headers in (fresh(), fresh(), fresh(), used):
+        assert_unavailable(send(headers))
+
+    # Back on the same port: requests pass again, and replays are caught again.
+    server.start()
+    again = fresh()
+    assert send(again).status_code == 200
+    assert send(again).status_code == 401
+    assert send(fresh()).status_code == 200
+
+    text = caplog.text
+    assert "reason=replay_store_unavailable status=503" in text
+    assert "cause=ReplayStoreError: redis SET NX failed" in text
+    assert "dpop replay_store_down backend=redis://127.0.0.1:" in text
+    assert "dpop replay_store_recovered" in text
+
+
+def test_asgi_outage(
+    private_redis: RedisServer,
+    make_settings: Callable[..., dict[str, Any]],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dpop_middleware")
+    store = {"url": private_redis.url, "key_prefix": key_prefix, "timeout": TIMEOUT}
+    app = DPoPMiddleware(asgi_ok, make_settings(replay_store=store))
+    with asyncio.Runner() as runner:
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=API)
+
+        def send(headers: dict[str, str]) -> httpx.Response:
+            return runner.run(client.get("/items", headers=headers))
+
+        try:
+            outage_script(send, private_redis, issuer, dpop_key, caplog)
+        finally:
+            runner.run(client.aclose())
+            runner.run(app.store.aclose())
+
+
+def test_wsgi_outage(
+    private_redis: RedisServer,
+    make_settings: Callable[..., dict[str, Any]],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dpop_middleware")
+    store = {"url": private_redis.url, "key_prefix": key_prefix, "timeout": TIMEOUT}
+    app = DPoPWSGIMiddleware(wsgi_ok, make_settings(replay_store=store))
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url=API) as client:
+        try:
+            outage_script(
+                lambda headers: client.get("/items", headers=headers),
+                private_redis, issuer, dpop_key, caplog,
+            )  # fmt: skip
+        finally:
+            app.store.close()

@@ -1,0 +1,290 @@
+"""The Redis store against a real server: the exact command, TTLs, errors, fork and loop safety,
+an application's own client, Sentinel, and the start-up PING."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from redis_fixtures import RedisServer, SentinelSetup, free_port
+
+from dpop_middleware.errors import ReplayStoreError
+from dpop_middleware.replay import (
+    create_async_store,
+    create_sync_store,
+    validate_replay_store_setting,
+)
+from dpop_middleware.replay.redis import AsyncRedisReplayStore, RedisReplayStore, px_for
+
+
+def sync_store(setting: Any) -> RedisReplayStore:
+    store = create_sync_store(validate_replay_store_setting(setting))
+    assert isinstance(store, RedisReplayStore)
+    return store
+
+
+def async_store(setting: Any) -> AsyncRedisReplayStore:
+    store = create_async_store(validate_replay_store_setting(setting))
+    assert isinstance(store, AsyncRedisReplayStore)
+    return store
+
+
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("ttl", "px"),
+    [
+        pytest.param(71.0, 71_000, id="whole-seconds"),
+        pytest.param(0.05, 50, id="float-artefact-not-rounded-up"),
+        pytest.param(12.3456, 12_346, id="ceil-to-ms"),
+        pytest.param(0.0004, 1, id="below-1ms"),
+        pytest.param(0.0, 1, id="zero"),
+        pytest.param(-3.0, 1, id="negative"),
+        pytest.param(math.nan, 1, id="nan"),
+    ],
+)
+def test_ttl_becomes_whole_milliseconds_rounded_up_never_below_1(ttl: float, px: int) -> None:
+    assert px_for(ttl) == px
+
+
+def test_one_atomic_set_nx_px_per_request(
+    redis_url: str, key_prefix: str, admin: redis.Redis
+) -> None:
+    """Exactly ``SET <prefix><hex> 1 NX PX <ms>``: no read before it, no script."""
+    store = sync_store({"url": redis_url, "key_prefix": key_prefix})
+    first, second = os.urandom(32), os.urandom(32)
+    end = f"{key_prefix}end"
+    seen: list[str] = []
+    with admin.monitor() as monitor:
+        store.add(first, 0.0004)
+        store.add(second, 71.0)
+        store.add(second, 71.0)
+        admin.get(end)
+        while True:
+            command = monitor.next_command()["command"]
+            if key_prefix in command:
+                if end in command:
+                    break
+                seen.append(command)
+    store.close()
+    assert seen == [
+        f"SET {key_prefix}{first.hex()} 1 NX PX 1",
+        f"SET {key_prefix}{second.hex()} 1 NX PX 71000",
+        f"SET {key_prefix}{second.hex()} 1 NX PX 71000",
+    ]
+
+
+def test_key_layout_and_ttl_on_the_server(
+    redis_url: str, key_prefix: str, admin: redis.Redis
+) -> None:
+    key = os.urandom(32)
+    store = sync_store({"url": redis_url, "key_prefix": key_prefix})
+    assert store.add(key, 12.3456) is True
+    name = f"{key_prefix}{key.hex()}".encode()
+    assert admin.get(name) == b"1"
+    assert 12_000 < admin.pttl(name) <= 12_346
+    store.close()
+
+
+def test_async_store_sets_the_same_key(redis_url: str, key_prefix: str, admin: redis.Redis) -> None:
+    key = os.urandom(32)
+    store = async_store({"url": redis_url, "key_prefix": key_prefix})
+
+    async def run() -> tuple[bool, bool]:
+        try:
+            return await store.add(key, 30), await store.add(key, 30)
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(run()) == (True, False)
+    name = f"{key_prefix}{key.hex()}".encode()
+    assert admin.get(name) == b"1"
+    assert 29_000 < admin.pttl(name) <= 30_000
+
+
+def test_unreachable_redis_raises_replay_store_error_with_the_cause(key_prefix: str) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    setting = {"url": url, "key_prefix": key_prefix, "timeout": 0.2}
+    with pytest.raises(ReplayStoreError, match=f"127.0.0.1:{url.split(':')[2]}") as info:
+        sync_store(setting).add(os.urandom(32), 10)
+    assert isinstance(info.value.__cause__, redis.ConnectionError)
+
+    async def run() -> None:
+        await async_store(setting).add(os.urandom(32), 10)
+
+    with pytest.raises(ReplayStoreError) as info:
+        asyncio.run(run())
+    assert isinstance(info.value.__cause__, redis.ConnectionError)
+
+
+def test_a_hung_redis_times_out_within_the_timeout(
+    private_redis: RedisServer, key_prefix: str
+) -> None:
+    setting = {"url": private_redis.url, "key_prefix": key_prefix, "timeout": 0.2}
+    store, astore = sync_store(setting), async_store(setting)
+    runner = asyncio.Runner()
+    try:
+        assert store.add(os.urandom(32), 10) is True
+        assert runner.run(astore.add(os.urandom(32), 10)) is True
+        private_redis.pause()
+        for add in (store.add, lambda k, t: runner.run(astore.add(k, t))):
+            started = time.monotonic()
+            with pytest.raises(ReplayStoreError) as info:
+                add(os.urandom(32), 10)
+            assert isinstance(info.value.__cause__, redis.TimeoutError)
+            assert time.monotonic() - started < 1.0
+        private_redis.resume()
+        assert store.add(os.urandom(32), 10) is True
+        assert runner.run(astore.add(os.urandom(32), 10)) is True
+    finally:
+        private_redis.resume()
+        runner.run(astore.aclose())
+        runner.close()
+        store.close()
+
+
+def test_ping_on_startup(redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    good = {"url": redis_url, "key_prefix": key_prefix, "ping_on_startup": True}
+    sync_store(good).close()
+    async_store(good)
+    down = {**good, "url": f"redis://127.0.0.1:{free_port()}/0", "timeout": 0.2}
+    caplog.set_level(logging.INFO, logger="dpop_middleware")
+    for create in (create_sync_store, create_async_store):
+        with pytest.raises(
+            ReplayStoreError, match=r"PING to redis://127\.0\.0\.1:\d+/0 failed at start-up"
+        ):
+            create(validate_replay_store_setting(down))
+    assert "dpop replay_store_ping_failed backend=redis://127.0.0.1:" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_worker_builds_its_own_client(redis_url: str, key_prefix: str) -> None:
+    store = sync_store({"url": redis_url, "key_prefix": key_prefix})
+    seen = os.urandom(32)
+    assert store.add(seen, 30) is True
+    parent_client = store._current()
+    parent_id = parent_client.client_id()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, never return into pytest
+        status = 1
+        try:
+            child_client = store._current()
+            report = (
+                child_client is not parent_client,
+                child_client.client_id() != parent_id,
+                store.add(seen, 30) is False,
+                store.add(os.urandom(32), 30) is True,
+            )
+            os.write(write_end, repr(report).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        report = pipe.read()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == "(True, True, True, True)"
+    # The parent's client is untouched by the child.
+    assert store._current() is parent_client
+    assert store.add(os.urandom(32), 30) is True
+    store.close()
+
+
+def test_the_async_store_follows_the_running_event_loop(redis_url: str, key_prefix: str) -> None:
+    """A client is bound to its event loop: a store used from a new loop builds a new one."""
+    store = async_store({"url": redis_url, "key_prefix": key_prefix})
+    key = os.urandom(32)
+
+    async def first() -> tuple[bool, Any]:
+        answer = await store.add(key, 30)
+        client = store._current()
+        await client.aclose()  # the old loop's client, closed here so nothing leaks
+        return answer, client
+
+    async def second() -> tuple[bool, Any]:
+        try:
+            return await store.add(key, 30), store._current()
+        finally:
+            await store.aclose()
+
+    answer, first_client = asyncio.run(first())
+    assert answer is True
+    answer, second_client = asyncio.run(second())
+    assert answer is False
+    assert second_client is not first_client
+
+
+def test_an_application_client_is_used_and_left_open(redis_url: str, key_prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    store = sync_store({"client": client, "key_prefix": key_prefix})
+    key = os.urandom(32)
+    assert store.add(key, 30) is True
+    assert store.add(key, 30) is False
+    store.close()
+    assert client.get(f"{key_prefix}{key.hex()}") == b"1"  # still open
+    client.close()
+
+    async def run() -> None:
+        aclient = redis.asyncio.Redis.from_url(redis_url)
+        astore = async_store(aclient)  # a bare client: the default prefix
+        akey = os.urandom(32)
+        assert await astore.add(akey, 1) is True
+        assert await astore.add(akey, 1) is False
+        await astore.aclose()
+        assert await aclient.get(f"dpop:{akey.hex()}") == b"1"
+        await aclient.aclose()
+
+    asyncio.run(run())
+
+
+def test_sentinel(redis_sentinel: SentinelSetup, key_prefix: str) -> None:
+    setting = {
+        "url": f"redis://{redis_sentinel.service}/0",
+        "sentinels": redis_sentinel.sentinels,
+        "key_prefix": key_prefix,
+        "ping_on_startup": True,
+    }
+    key, akey = os.urandom(32), os.urandom(32)
+    store = sync_store(setting)
+    assert store.add(key, 30) is True
+    assert store.add(key, 30) is False
+    store.close()
+
+    async def run() -> tuple[bool, bool]:
+        astore = async_store(setting)
+        try:
+            return await astore.add(akey, 30), await astore.add(akey, 30)
+        finally:
+            await astore.aclose()
+
+    assert asyncio.run(run()) == (True, False)
+    master = redis.Redis(port=redis_sentinel.master.port)
+    assert master.exists(f"{key_prefix}{key.hex()}", f"{key_prefix}{akey.hex()}") == 2
+    master.close()
+
+
+def test_middleware_construction_fails_when_ping_on_startup_fails() -> None:
+    """The adapters build the store at start-up, so a dead Redis stops the app from booting."""
+    from dpop_middleware import DPoPMiddleware, DPoPWSGIMiddleware
+    from dpop_middleware.testing import TokenIssuer
+
+    store = {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": 0.2, "ping_on_startup": True}
+    settings = TokenIssuer().settings(replay_store=store)
+    for middleware in (DPoPMiddleware, DPoPWSGIMiddleware):
+        with pytest.raises(ReplayStoreError, match="failed at start-up"):
+            middleware(lambda *a: None, settings=settings)  # type: ignore[arg-type]
