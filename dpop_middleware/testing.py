@@ -1,4 +1,4 @@
-"""Test kit: client keys that mint DPoP proofs, and a local access-token issuer.
+"""Test kit: client keys that mint DPoP proofs, a local access-token issuer, a live server.
 
 Usable in your own tests (no authorization server needed) and by real clients::
 
@@ -7,6 +7,10 @@ Usable in your own tests (no authorization server needed) and by real clients::
     token = issuer.token(bound_to=key)             # RFC 9068 token with cnf.jkt = key.jkt
     proof = key.proof("GET", "https://api.example/items", access_token=token)
     headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
+
+Clients that sign every request for you (httpx, requests) are in :mod:`dpop_middleware.client`;
+the pytest fixtures ``dpop_key`` and ``dpop_issuer`` in :mod:`dpop_middleware.pytest_plugin`.
+This module needs only joserfc and cryptography; :func:`serve` imports uvicorn when called.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import socket
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from joserfc import jws
-from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc.jwk import ECKey, OKPKey, RSAKey, import_key
 
 from dpop_middleware.core.jose import b64encode
 
@@ -32,6 +39,9 @@ _GENERATORS: dict[str, Callable[[], ECKey | RSAKey | OKPKey]] = {
     "EdDSA": lambda: OKPKey.generate_key("Ed25519"),
     "Ed25519": lambda: OKPKey.generate_key("Ed25519"),
 }
+
+# The algorithm a private JWK implies when it carries no "alg" (RSA keys serve several).
+_IMPLIED_ALG = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA"}
 
 _REMOVE = object()
 #: Pass as a claim or header value to leave that member out (for negative tests).
@@ -54,21 +64,52 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, A
 
 
 class DPoPKey:
-    """A client's DPoP key pair. ``proof()`` signs a fresh proof for one request."""
+    """A client's DPoP key pair. ``proof()`` signs a fresh proof for one request.
+
+    ``generate()`` makes a new key; ``from_jwk()`` loads one a client stored (``private_jwk``).
+    """
 
     def __init__(self, key: ECKey | RSAKey | OKPKey, alg: str) -> None:
         self.key = key
         self.alg = alg
 
+    def __repr__(self) -> str:
+        # The thumbprint is public; the private key never goes into a repr or a log.
+        return f"DPoPKey(alg={self.alg!r}, jkt={self.jkt!r})"
+
     @classmethod
     def generate(cls, alg: str = "ES256") -> DPoPKey:
-        if alg not in _GENERATORS:
+        """A new key pair for ``alg``: ES256 (default), ES384, ES512, EdDSA, RS256 or PS256."""
+        return cls(_generate(alg), alg)
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any], alg: str | None = None) -> DPoPKey:
+        """Load a private JWK (as ``private_jwk`` gives). ``alg`` defaults to the JWK's ``alg``,
+        else the one its curve implies; an RSA key without ``alg`` needs it given."""
+        if "d" not in jwk:
+            raise ValueError("from_jwk needs a private key (a JWK with 'd')")
+        if jwk.get("kty") not in ("EC", "OKP", "RSA"):
+            raise ValueError("from_jwk takes an EC, OKP or RSA key")
+        chosen = alg or jwk.get("alg") or _IMPLIED_ALG.get(str(jwk.get("crv")))
+        if chosen is None:
+            raise ValueError("an RSA key needs alg= ('RS256' or 'PS256')")
+        if chosen not in _GENERATORS:
             raise ValueError(f"alg must be one of {', '.join(_GENERATORS)}")
-        return cls(_GENERATORS[alg](), alg)
+        members = {k: v for k, v in jwk.items() if k != "alg"}
+        key = import_key(members)
+        if not isinstance(key, ECKey | RSAKey | OKPKey):  # pragma: no cover - kty checked above
+            raise ValueError("from_jwk takes an EC, OKP or RSA key")
+        return cls(key, chosen)
 
     @property
     def public_jwk(self) -> dict[str, Any]:
+        """The public key as a JWK: what goes into the proof header's ``jwk``."""
         return dict(self.key.as_dict(private=False))
+
+    @property
+    def private_jwk(self) -> dict[str, Any]:
+        """The key pair as a JWK with its ``alg``, for a client that keeps its key. Secret."""
+        return {**self.key.as_dict(private=True), "alg": self.alg}
 
     @property
     def jkt(self) -> str:
@@ -84,17 +125,21 @@ class DPoPKey:
         nonce: str | None = None,
         iat: float | None = None,
         jti: str | None = None,
+        htu: str | None = None,
         claims: Mapping[str, Any] | None = None,
         header: Mapping[str, Any] | None = None,
     ) -> str:
-        """A signed proof for ``method`` ``url``. ``url`` may carry a query: it is dropped from
-        ``htu`` (RFC 9449 section 4.2). ``claims``/``header`` override or add members
-        (``REMOVE`` leaves one out)."""
-        htu = url.split("#", 1)[0].split("?", 1)[0]
+        """A signed proof for ``method`` ``url`` (RFC 9449 section 4.2).
+
+        ``url`` may carry a query or fragment: they are dropped from ``htu``. ``access_token``
+        adds ``ath``, ``nonce`` the server's nonce. For negative tests: ``iat``, ``jti`` and
+        ``htu`` replace the computed values as given; ``claims`` and ``header`` override or add
+        members (``REMOVE`` leaves one out), and a ``header`` ``alg`` is also the one signed with.
+        """
         payload: dict[str, Any] = {
             "jti": jti or secrets.token_urlsafe(16),
             "htm": method,
-            "htu": htu,
+            "htu": url.split("#", 1)[0].split("?", 1)[0] if htu is None else htu,
             "iat": int(time.time()) if iat is None else iat,
         }
         if access_token is not None:
@@ -104,6 +149,12 @@ class DPoPKey:
         _merge(payload, claims)
         protected = _merge({"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public_jwk}, header)
         return sign_compact(protected, payload, self.key, protected.get("alg", self.alg))
+
+
+def _generate(alg: str) -> ECKey | RSAKey | OKPKey:
+    if alg not in _GENERATORS:
+        raise ValueError(f"alg must be one of {', '.join(_GENERATORS)}, got {alg!r}")
+    return _GENERATORS[alg]()
 
 
 def sign_compact(
@@ -131,14 +182,13 @@ class TokenIssuer:
         self.alg = alg
         self.kid = kid
         self.clock = clock
-        self.key = _GENERATORS[alg]()
-        self._kid = kid
+        self.key = _generate(alg)
 
     @property
     def jwks(self) -> dict[str, Any]:
         """The public JWK Set, ready for the ``jwks`` setting."""
         jwk = dict(self.key.as_dict(private=False))
-        jwk.update({"kid": self._kid, "use": "sig", "alg": self.alg})
+        jwk.update({"kid": self.kid, "use": "sig", "alg": self.alg})
         return {"keys": [jwk]}
 
     def settings(self, **extra: Any) -> dict[str, Any]:
@@ -153,7 +203,11 @@ class TokenIssuer:
         claims: Mapping[str, Any] | None = None,
         header: Mapping[str, Any] | None = None,
     ) -> str:
-        """An RFC 9068 access token; ``bound_to`` (a key or a thumbprint) sets ``cnf.jkt``."""
+        """An RFC 9068 access token valid for ``lifetime`` seconds from the issuer's clock.
+
+        ``bound_to`` (a key or a thumbprint) sets ``cnf.jkt`` (RFC 9449 section 6.1); ``claims``
+        and ``header`` override or add members (``REMOVE`` leaves one out).
+        """
         now = int(self.clock())
         payload: dict[str, Any] = {
             "iss": self.issuer,
@@ -169,8 +223,42 @@ class TokenIssuer:
             jkt = bound_to.jkt if isinstance(bound_to, DPoPKey) else bound_to
             payload["cnf"] = {"jkt": jkt}
         _merge(payload, claims)
-        protected = _merge({"typ": "at+jwt", "alg": self.alg, "kid": self._kid}, header)
+        protected = _merge({"typ": "at+jwt", "alg": self.alg, "kid": self.kid}, header)
         return sign_compact(protected, payload, self.key, protected.get("alg", self.alg))
 
 
-__all__ = ["REMOVE", "DPoPKey", "TokenIssuer", "ath_for", "sign_compact"]
+@contextmanager
+def serve(app: Any, *, host: str = "127.0.0.1", timeout: float = 5.0) -> Iterator[str]:
+    """Run an ASGI ``app`` under uvicorn in a background thread; yield its base URL.
+
+    The server listens on a free port of ``host`` (loopback by default) and is stopped, lifespan
+    shutdown included, when the block ends. For tests and demos of clients that need a real
+    socket (requests, curl); it needs ``uvicorn``.
+    """
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    # log_config=None: leave the process's logging configuration alone.
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn:{port}", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the test server on {host}:{port} did not start")
+            time.sleep(0.005)
+        yield f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+__all__ = ["REMOVE", "DPoPKey", "TokenIssuer", "ath_for", "serve", "sign_compact"]
