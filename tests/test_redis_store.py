@@ -288,3 +288,81 @@ def test_middleware_construction_fails_when_ping_on_startup_fails() -> None:
     for middleware in (DPoPMiddleware, DPoPWSGIMiddleware):
         with pytest.raises(ReplayStoreError, match="failed at start-up"):
             middleware(lambda *a: None, settings=settings)  # type: ignore[arg-type]
+
+
+def _set_connections(url: str) -> int:
+    """How many client connections of this (private) server last ran SET."""
+    with redis.Redis.from_url(url) as probe:
+        return sum(1 for c in probe.client_list() if c.get("cmd") == "set")
+
+
+def test_concurrent_async_adds_share_one_pipelined_connection(private_redis: RedisServer) -> None:
+    """64 concurrent requests: one connection, coalesced round trips, every answer right."""
+    store = async_store({"url": private_redis.url, "key_prefix": "coalesce:"})
+    keys = [os.urandom(32) for _ in range(64)]
+
+    async def scenario() -> tuple[list[bool], list[bool]]:
+        try:
+            first = await asyncio.gather(*(store.add(k, 10) for k in keys))
+            again = await asyncio.gather(*(store.add(k, 10) for k in keys))
+            return list(first), list(again)
+        finally:
+            await store.aclose()
+
+    runner = asyncio.Runner()
+    try:
+        first, again = runner.run(scenario())
+    finally:
+        runner.close()
+    assert first == [True] * 64
+    assert again == [False] * 64
+    with redis.Redis.from_url(private_redis.url) as probe:
+        calls = probe.info("commandstats")["cmdstat_set"]["calls"]
+    assert calls == 128
+    assert _set_connections(private_redis.url) == 0  # aclose() closed the one connection
+
+
+def test_one_proof_twice_in_one_batch_passes_once(private_redis: RedisServer) -> None:
+    store = async_store({"url": private_redis.url, "key_prefix": "dup:"})
+    key = os.urandom(32)
+
+    async def scenario() -> list[bool]:
+        try:
+            return list(await asyncio.gather(*(store.add(key, 10) for _ in range(10))))
+        finally:
+            await store.aclose()
+
+    with asyncio.Runner() as runner:
+        answers = runner.run(scenario())
+    assert sorted(answers) == [False] * 9 + [True]
+
+
+def test_async_store_uses_one_connection_under_concurrency(private_redis: RedisServer) -> None:
+    store = async_store({"url": private_redis.url, "key_prefix": "conns:"})
+
+    async def scenario() -> int:
+        await asyncio.gather(*(store.add(os.urandom(32), 10) for _ in range(64)))
+        connections = _set_connections(private_redis.url)
+        await store.aclose()
+        return connections
+
+    with asyncio.Runner() as runner:
+        assert runner.run(scenario()) == 1
+
+
+def test_sync_store_keeps_one_connection_per_thread(private_redis: RedisServer) -> None:
+    import threading
+
+    store = sync_store({"url": private_redis.url, "key_prefix": "pinned:"})
+    try:
+        for _ in range(20):
+            assert store.add(os.urandom(32), 10) is True
+        assert _set_connections(private_redis.url) == 1
+        threads = [threading.Thread(target=lambda: store.add(os.urandom(32), 10)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _set_connections(private_redis.url) == 4
+    finally:
+        store.close()
