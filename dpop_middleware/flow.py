@@ -16,7 +16,7 @@ from typing import Any
 
 from dpop_middleware.core.keys import JWKSFetchNeeded
 from dpop_middleware.core.request import RequestInfo
-from dpop_middleware.core.verifier import DPoPResult, Header, Pending, Refusal, Verifier
+from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ReplayStoreError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
@@ -149,16 +149,18 @@ class Engine:
 
     def run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
         try:
-            pending: Pending | None = None
-            for _ in range(2):
-                seen = self._attempt()
+            seen = self._attempt()
+            try:
+                pending = self.verifier.check(request)
+            except JWKSFetchNeeded as need:
+                # The core asked for the issuer's JWK Set: fetch it, then check once more.
+                self.refresh_jwks_sync(need, seen)
                 try:
                     pending = self.verifier.check(request)
-                    break
-                except JWKSFetchNeeded as need:
-                    self.refresh_jwks_sync(need, seen)
-            else:
-                raise ServiceUnavailableError("jwks_unavailable", "Signing keys are not available")
+                except JWKSFetchNeeded:
+                    raise ServiceUnavailableError(
+                        "jwks_unavailable", "Signing keys are not available"
+                    ) from None
             if pending is None:
                 return _PASS
             first = True
@@ -174,16 +176,18 @@ class Engine:
 
     async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
         try:
-            pending: Pending | None = None
-            for _ in range(2):
-                seen = self._attempt()
+            seen = self._attempt()
+            try:
+                pending = self.verifier.check(request)
+            except JWKSFetchNeeded as need:
+                # The core asked for the issuer's JWK Set: fetch it, then check once more.
+                await self.refresh_jwks_async(need, seen)
                 try:
                     pending = self.verifier.check(request)
-                    break
-                except JWKSFetchNeeded as need:
-                    await self.refresh_jwks_async(need, seen)
-            else:
-                raise ServiceUnavailableError("jwks_unavailable", "Signing keys are not available")
+                except JWKSFetchNeeded:
+                    raise ServiceUnavailableError(
+                        "jwks_unavailable", "Signing keys are not available"
+                    ) from None
             if pending is None:
                 return _PASS
             first = True

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import hmac
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpop_middleware.core.jose import COMPACT_JWS, MalformedError, b64decode, b64encode, json_object
 from dpop_middleware.core.keys import (
@@ -29,9 +28,12 @@ from dpop_middleware.errors import InvalidDPoPProofError
 _TYPES = frozenset({"dpop+jwt", "application/dpop+jwt"})
 
 
-@dataclass(frozen=True, slots=True)
-class Proof:
-    """A proof whose header, signature and claim types have been checked."""
+class Proof(NamedTuple):
+    """A proof whose header, signature and claim types have been checked.
+
+    A NamedTuple (immutable, and built in a third of the time of a frozen dataclass: one is
+    built per request).
+    """
 
     key: ProofKey
     jti: str

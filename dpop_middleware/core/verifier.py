@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from dpop_middleware.core import headers as hdr
 from dpop_middleware.core.htu import check_htu, normalize_path, request_htu
@@ -64,9 +64,11 @@ class DPoPResult:
         return sub if isinstance(sub, str) else None
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A request that passed every check but replay; the adapter records ``replay_key``."""
+class Pending(NamedTuple):
+    """A request that passed every check but replay; the adapter records ``replay_key``.
+
+    A NamedTuple: immutable, and cheap to build once per request.
+    """
 
     result: DPoPResult
     replay_key: bytes | None
