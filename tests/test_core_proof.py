@@ -383,3 +383,34 @@ def test_memory_store_refuses_when_full(
 def test_memory_store_size_from_settings_is_used(make_settings: Any) -> None:
     h = Harness(make_settings(replay_store="memory://?max_entries=5"))
     assert h.store.max_entries == 5  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        pytest.param({"ath": "\u00e9" * 43}, "ath_mismatch", id="non-ascii-ath"),
+        pytest.param({"ath": "\ud800"}, "ath_mismatch", id="surrogate-ath"),
+        pytest.param({"htu": "https://api.example/\ud800"}, "htu_invalid", id="surrogate-htu"),
+        pytest.param({"htu": "https://\u00e9xample/items"}, "htu_invalid", id="non-ascii-host"),
+        pytest.param({"htm": "G\u00c9T"}, "htm_mismatch", id="non-ascii-htm"),
+        pytest.param({"nonce": "\u00e9"}, None, id="non-ascii-nonce-ignored-when-off"),
+    ],
+)
+def test_signed_proofs_with_odd_strings_are_refused_not_crashed(
+    h: Harness, dpop_key: DPoPKey, token: str, override: dict[str, Any], reason: str | None
+) -> None:
+    """The fuzz tests cannot get past the signature; these are validly signed."""
+    proof = dpop_key.proof("GET", URL, access_token=token, claims=override)
+    answer = send_proof(h, token, proof)
+    if reason is None:
+        assert answer.status == 200
+    else:
+        expect(answer, reason)
+
+
+def test_signed_proof_with_surrogate_jti_passes_once(
+    h: Harness, dpop_key: DPoPKey, token: str
+) -> None:
+    proof = dpop_key.proof("GET", URL, access_token=token, jti="\ud800-jti")
+    assert send_proof(h, token, proof).status == 200
+    expect(send_proof(h, token, proof), "replayed")

@@ -310,3 +310,9 @@ def test_jwks_unreachable_fails_closed(
     jwks_server.fail = False
     clock.advance(6)
     assert h.dpop(dpop_key, issuer.token(bound_to=dpop_key), "GET", URL).status == 200
+
+
+def test_odd_jkt_in_introspection_result_is_a_mismatch(clock: FrozenClock, dpop_key: DPoPKey) -> None:
+    resp = {"active": True, "cnf": {"jkt": "\ud800\u00e9"}}
+    h = Harness({"token_verifier": lambda t: resp, "clock": clock})
+    expect(h.dpop(dpop_key, "opaque", "GET", URL), "jkt_mismatch")

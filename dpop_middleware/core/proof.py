@@ -11,6 +11,7 @@ state and the access token, and live in :func:`check_request_claims`; step 12's 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 from typing import Any, NamedTuple
@@ -137,11 +138,19 @@ class ProofParser:
         return Proof(key, jti, htm, htu, float(iat), ath, nonce, claims)
 
 
+@functools.lru_cache(maxsize=4096)
+def _ath(token_digest: bytes) -> bytes:
+    # A pure function of the digest, and a client sends one token many times: memoised.
+    return b64encode(token_digest).encode("ascii")
+
+
 def check_ath(proof: Proof, token_digest: bytes) -> None:
     """Step 12 (first half) and section 7: ``ath`` = base64url(SHA-256(access token))."""
     if proof.ath is None:
         raise _bad("ath_missing", "DPoP proof has no ath claim (required with an access token)")
-    if not hmac.compare_digest(proof.ath, b64encode(token_digest)):
+    # compare_digest refuses non-ASCII str (TypeError): compare bytes, so any claim value is safe.
+    claimed = proof.ath.encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(claimed, _ath(token_digest)):
         raise _bad("ath_mismatch", "DPoP proof ath does not match the access token")
 
 

@@ -173,5 +173,5 @@ def check_binding(claims: Mapping[str, Any], jkt: str) -> None:
     bound = bound_jkt(claims)
     if bound is None:
         raise InvalidTokenError("token_not_bound", "The access token is not DPoP-bound")
-    if not hmac.compare_digest(bound.encode(), jkt.encode()):
+    if not hmac.compare_digest(bound.encode("utf-8", "surrogatepass"), jkt.encode("ascii")):
         raise InvalidTokenError("jkt_mismatch", "Invalid DPoP key binding")
