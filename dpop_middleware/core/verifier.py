@@ -31,7 +31,6 @@ from dpop_middleware.core.token import AccessTokenChecker, bound_jkt, check_bind
 from dpop_middleware.errors import (
     DPoPError,
     InvalidDPoPProofError,
-    InvalidRequestError,
     InvalidTokenError,
     ServiceUnavailableError,
     UseDPoPNonceError,
@@ -251,7 +250,6 @@ class Verifier:
 
 __all__ = [
     "DPoPResult",
-    "InvalidRequestError",
     "Pending",
     "Refusal",
     "Verifier",
