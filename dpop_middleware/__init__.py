@@ -13,7 +13,6 @@ from dpop_middleware.core.verifier import DPoPResult, Refusal, Verifier
 from dpop_middleware.errors import (
     ConfigurationError,
     DPoPError,
-    InsufficientScopeError,
     InvalidDPoPProofError,
     InvalidRequestError,
     InvalidTokenError,
@@ -34,7 +33,6 @@ __all__ = [
     "DPoPMiddleware",
     "DPoPResult",
     "DPoPWSGIMiddleware",
-    "InsufficientScopeError",
     "InvalidDPoPProofError",
     "InvalidRequestError",
     "InvalidTokenError",

@@ -74,11 +74,6 @@ class UseDPoPNonceError(DPoPError):
     status = 401
 
 
-class InsufficientScopeError(DPoPError):
-    error = "insufficient_scope"
-    status = 403
-
-
 class ServiceUnavailableError(DPoPError):
     """We cannot decide (replay store or JWKS unreachable): refuse, but not as the client's fault."""
 

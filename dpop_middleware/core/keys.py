@@ -8,7 +8,6 @@ and a client sends the same key on every request.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -69,12 +68,6 @@ class LRU(Generic[K, V]):
                 data.popitem(last=False)
             except KeyError:
                 break
-
-    def pop(self, key: K) -> None:
-        self._data.pop(key, None)
-
-    def clear(self) -> None:
-        self._data.clear()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -183,10 +176,6 @@ def import_proof_key(jwk: Mapping[str, Any], alg: str) -> ProofKey:
     raise UnusableKeyError(f"unsupported alg {alg}")
 
 
-def thumbprint_sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
 class IssuerKeys:
     """The authorization server's JWK Set, from ``jwks`` or fetched from ``jwks_uri``.
 
@@ -251,14 +240,16 @@ class IssuerKeys:
             return True
         return (
             kid is not None
-            and not self.has(kid)
+            and self.find(kid) is None
             and now - self.attempted_at >= self.refresh_interval
         )
 
-    def has(self, kid: str) -> bool:
-        if self.key_set is None:
-            return False
-        return any(k.kid == kid for k in self.key_set)
+    def find(self, kid: str) -> ECKey | RSAKey | OKPKey | OctKey | None:
+        """The loaded key with this ``kid``, or None."""
+        for key in self.key_set or ():
+            if key.kid == kid:
+                return key
+        return None
 
 
 class JWKSFetchNeeded(Exception):

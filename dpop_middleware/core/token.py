@@ -112,12 +112,12 @@ class AccessTokenChecker:
                 raise _invalid("kid_missing", "The access token has no kid", scheme)
             key = key_set[0]
         else:
-            matches = [k for k in key_set if k.kid == kid]
-            if not matches:
+            found = keys.find(kid)
+            if found is None:
                 raise _invalid(
                     "unknown_kid", "The access token is signed by an unknown key", scheme
                 )
-            key = matches[0]
+            key = found
         try:
             decoded = jwt.decode(token, key, algorithms=[alg])
         except JoseError:

@@ -86,6 +86,12 @@ class Refusal:
     error: DPoPError
 
 
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """``path`` is one of ``prefixes`` or below one, by whole segments, after normalisation."""
+    normal = normalize_path(path)
+    return any(normal == p or normal.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
 class Verifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -123,13 +129,8 @@ class Verifier:
         """
         if request.method == "OPTIONS" and request.header_values("access-control-request-method"):
             return False
-        if not self.settings.exclude_paths:
-            return True
-        normal = normalize_path(request.path)
-        for excluded in self.settings.exclude_paths:
-            if normal == excluded or normal.startswith(excluded.rstrip("/") + "/"):
-                return False
-        return True
+        excluded = self.settings.exclude_paths
+        return not (excluded and _under(request.path, excluded))
 
     def _nonce_required(self, path: str) -> bool:
         nonce = self.settings.nonce
@@ -137,8 +138,7 @@ class Verifier:
             return False
         if nonce.required is True:
             return True
-        normal = normalize_path(path)
-        return any(normal == p or normal.startswith(p.rstrip("/") + "/") for p in nonce.required)
+        return _under(path, nonce.required)
 
     # -- the checks ----------------------------------------------------------------------------
 
