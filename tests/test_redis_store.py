@@ -4,6 +4,7 @@ an application's own client, Sentinel, and the start-up PING."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -364,5 +365,120 @@ def test_sync_store_keeps_one_connection_per_thread(private_redis: RedisServer) 
         for t in threads:
             t.join()
         assert _set_connections(private_redis.url) == 4
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the sync store's own SET NX over its pinned connection (replay.redis._set_nx_on)
+
+
+def test_sync_store_error_reply_fails_closed_then_recovers(private_redis: RedisServer) -> None:
+    """An error reply (here ``-OOM``) is a ReplayStoreError naming it, never a pass; the
+    connection is dropped, and the next request after Redis recovers is answered again."""
+    store = sync_store({"url": private_redis.url, "key_prefix": "oom:"})
+    admin = redis.Redis.from_url(private_redis.url, socket_timeout=2)
+    try:
+        assert store.add(os.urandom(32), 10) is True
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        with pytest.raises(ReplayStoreError, match="OOM"):
+            store.add(os.urandom(32), 10)
+        admin.config_set("maxmemory", "0")
+        key = os.urandom(32)
+        assert store.add(key, 10) is True
+        assert store.add(key, 10) is False
+    finally:
+        admin.close()
+        store.close()
+
+
+class _DribblingProxy:
+    """A TCP relay in front of a real Redis that sends Redis's replies one byte per packet,
+    so every reply reaches the store split over many ``recv`` calls."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.closing = False
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self.threads.append(accept)
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for args in ((client, server, False), (server, client, True)):
+                thread = threading.Thread(target=self._pump, args=args, daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    @staticmethod
+    def _pump(src: Any, dst: Any, dribble: bool) -> None:
+        import socket
+
+        dst.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while data := src.recv(4096):
+                if not dribble:
+                    dst.sendall(data)
+                    continue
+                for i in range(len(data)):
+                    dst.sendall(data[i : i + 1])
+                    time.sleep(0.0005)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+def test_sync_store_reads_replies_split_over_many_packets(private_redis: RedisServer) -> None:
+    proxy = _DribblingProxy(private_redis.port)
+    store = sync_store({"url": f"redis://127.0.0.1:{proxy.port}/0", "key_prefix": "split:"})
+    try:
+        key = os.urandom(32)
+        assert store.add(key, 10) is True  # "+OK\r\n" in five packets
+        assert store.add(key, 10) is False  # "$-1\r\n" in five packets
+    finally:
+        store.close()
+        proxy.close()
+    server = redis.Redis.from_url(private_redis.url)
+    try:
+        assert server.pttl(b"split:" + key.hex().encode()) > 0
+    finally:
+        server.close()
+
+
+def test_sync_store_refuses_when_redis_drops_the_connection(private_redis: RedisServer) -> None:
+    """The server closed the pinned connection: ReplayStoreError, never a pass; then a new one."""
+    store = sync_store({"url": private_redis.url, "key_prefix": "gone:", "timeout": 1.0})
+    try:
+        assert store.add(os.urandom(32), 10) is True
+        admin = redis.Redis.from_url(private_redis.url)
+        admin.client_kill_filter(_type="normal", skipme=True)
+        admin.close()
+        with pytest.raises(ReplayStoreError):
+            store.add(os.urandom(32), 10)
+        assert store.add(os.urandom(32), 10) is True  # a fresh connection
     finally:
         store.close()

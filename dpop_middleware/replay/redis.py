@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import functools
 import logging
 import math
 import os
@@ -385,16 +386,18 @@ def _sync_connect(options: Mapping[str, Any]) -> SyncConnect:
         retry = Retry(NoBackoff(), 0)
         if options["cluster"]:
             return redis.cluster.RedisCluster(retry=retry, **kwargs), ()
+        # RESP2: the one-line replies _set_nx_on reads, and no RESP3 push frames in between.
         if options["sentinels"]:
             sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
                 list(options["sentinels"]),
                 sentinel_kwargs=_sentinel_kwargs(options, Retry(NoBackoff(), 0)),
                 retry=retry,
+                protocol=2,
                 **kwargs,
             )
             client: redis.Redis = sentinel.master_for(service)  # type: ignore[no-untyped-call]
             return client, tuple(sentinel.sentinels)
-        return redis.Redis(retry=retry, **kwargs), ()
+        return redis.Redis(retry=retry, protocol=2, **kwargs), ()
 
     return connect
 
@@ -458,6 +461,7 @@ def _ping_on_startup(
 # the stores
 
 
+@functools.lru_cache(maxsize=64)  # one TTL per settings object: computed once, not per request
 def px_for(ttl: float) -> int:
     """``ttl`` seconds as whole milliseconds for ``PX``: rounded up, never below 1 ms."""
     if not ttl > 0:  # also NaN
@@ -467,6 +471,50 @@ def px_for(ttl: float) -> int:
         return _MAX_PX
     # round() first so that 0.05 s is 50 ms, not 51 (0.05 * 1000 == 50.00000000000001).
     return max(1, math.ceil(round(ms, 6)))
+
+
+_SET_NX = b"*6\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1\r\n1\r\n$2\r\nNX\r\n$2\r\nPX\r\n$%d\r\n%s\r\n"
+_SET = b"+OK\r\n"
+_NOT_SET = b"$-1\r\n"  # RESP2 nil: the clients built here speak RESP2 (no push frames)
+
+
+def _set_nx_on(conn: Any, rkey: bytes, px: int) -> bool:
+    """``SET rkey 1 NX PX px`` on a connected redis-py connection's socket: True when it set.
+
+    The command is hand-encoded RESP and the reply is one line: ``+OK``, the nil ``$-1`` (the
+    key exists), or an error (``-READONLY ...`` after a failover, ``-OOM ...``), which raises
+    ``ResponseError``; so does anything else, and the caller then drops the connection. Without
+    a socket attribute (a future redis-py) it falls back to redis-py's own send and parse.
+    """
+    sock: Any = getattr(conn, "_sock", _NO_SOCKET)
+    if sock is _NO_SOCKET:
+        conn.send_command("SET", rkey, b"1", "NX", "PX", px)
+        return conn.read_response() is not None
+    if sock is None:
+        conn.connect()
+        sock = conn._sock
+    digits = b"%d" % px
+    try:
+        sock.sendall(_SET_NX % (len(rkey), rkey, len(digits), digits))
+        reply = sock.recv(256)
+        while not reply.endswith(b"\r\n"):
+            more = sock.recv(4096)
+            if not more:
+                raise redis.exceptions.ConnectionError("Redis closed the connection")
+            reply += more
+    except TimeoutError as exc:  # as redis-py reports them
+        raise RedisTimeoutError("Timeout reading from socket") from exc
+    except OSError as exc:
+        raise redis.exceptions.ConnectionError(f"Error while talking to Redis: {exc}") from exc
+    if reply == _SET:
+        return True
+    if reply == _NOT_SET:
+        return False
+    text = reply[:200].decode("utf-8", "replace").strip()
+    raise redis.exceptions.ResponseError(f"unexpected reply to SET NX: {text}")
+
+
+_NO_SOCKET = object()
 
 
 class _Health:
@@ -522,6 +570,7 @@ class RedisReplayStore:
         # Per-thread pinned connection (see _pinned_set); a new client after a fork means a
         # new connection, because ``local.client`` no longer matches.
         self._local = threading.local()
+        self._pinnable: redis.Redis | None = None
         self._health = _Health(where or _describe({"client": client}))
 
     @classmethod
@@ -565,23 +614,35 @@ class RedisReplayStore:
         """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use)."""
         try:
             client = self._current()
-            if self._connect is not None and not isinstance(client, redis.cluster.RedisCluster):
-                reply = self._pinned_set(client, self.redis_key(key), px_for(ttl))
+            pinned = self._pinnable if client is self._pinnable else self._may_pin(client)
+            if pinned is not None:
+                first = self._pinned_set(pinned, self.redis_key(key), px_for(ttl))
             else:
-                reply = client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl))
+                first = bool(client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl)))
         except _REDIS_ERRORS as exc:
             raise self._health.failed(exc) from exc
         if self._health.down:
             self._health.recovered()
-        return bool(reply)
+        return first
 
-    def _pinned_set(self, client: redis.Redis, rkey: bytes, px: int) -> Any:
+    def _may_pin(self, client: SyncClient) -> redis.Redis | None:
+        """``client`` if this store built it and it is a plain or Sentinel one (not an app's,
+        not a cluster): decided once per client, as ``isinstance`` on its class is slow."""
+        if self._connect is None or not isinstance(client, redis.Redis):
+            return None
+        self._pinnable = client
+        return client
+
+    def _pinned_set(self, client: redis.Redis, rkey: bytes, px: int) -> bool:
         """The SET on this thread's own connection of ``client``'s pool.
 
         redis-py's ``set()`` takes a connection from the pool and gives it back on every call,
-        under a lock and a retry wrapper: about half the cost of the round trip itself. A client
-        this store built makes one attempt anyway, so each thread keeps one connection; on any
-        error it is disconnected and handed back, and the next call takes a fresh one.
+        under a lock and a retry wrapper, and packs and parses in Python: together more CPU than
+        the round trip itself. A client this store built makes one attempt anyway, so each thread
+        keeps one connection, which redis-py opens (TCP or unix socket, TLS, AUTH, SELECT); the
+        one command and its one-line reply then go over that connection's socket directly
+        (:func:`_set_nx_on`). On any error the connection is disconnected and handed back, and
+        the next call takes a fresh one.
         """
         local = self._local
         conn = getattr(local, "conn", None)
@@ -589,8 +650,7 @@ class RedisReplayStore:
             conn = client.connection_pool.get_connection()
             local.conn, local.client = conn, client
         try:
-            conn.send_command("SET", rkey, b"1", "NX", "PX", px)
-            return conn.read_response()
+            return _set_nx_on(conn, rkey, px)
         except BaseException:
             local.conn = None
             try:
