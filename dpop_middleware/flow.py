@@ -11,8 +11,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpop_middleware.core.keys import JWKSFetchNeeded
 from dpop_middleware.core.request import RequestInfo
@@ -25,10 +24,11 @@ from dpop_middleware.settings import Settings
 logger = logging.getLogger("dpop_middleware")
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What the adapter does: refuse (``refusal``), or call the app with ``result`` (None for an
-    unprotected path or a report-only refusal) and add ``response_headers`` to its response."""
+    unprotected path or a report-only refusal) and add ``response_headers`` to its response.
+
+    A NamedTuple: immutable, and cheap to build once per request."""
 
     result: DPoPResult | None = None
     refusal: Refusal | None = None

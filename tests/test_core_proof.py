@@ -106,6 +106,47 @@ def test_malformed_proof(h: Harness, token: str, proof: str) -> None:
     expect(send_proof(h, token, proof), "proof_malformed")
 
 
+def _segments(proof: str, index: int, change: Any) -> str:
+    parts = proof.split(".")
+    parts[index] = change(parts[index])
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("index", "change"),
+    [
+        pytest.param(2, lambda seg: seg + "=", id="padded-signature"),
+        pytest.param(2, lambda seg: "+" + seg[1:], id="plus-in-signature"),
+        pytest.param(2, lambda seg: "/" + seg[1:], id="slash-in-signature"),
+        pytest.param(1, lambda seg: seg + "==", id="padded-payload"),
+        pytest.param(1, lambda seg: seg[:4] + " " + seg[4:], id="space-in-payload"),
+        pytest.param(1, lambda seg: seg[:4] + "\u00e9" + seg[4:], id="non-ascii-in-payload"),
+        pytest.param(0, lambda seg: seg + "=", id="padded-header"),
+        pytest.param(0, lambda seg: "/" + seg[1:], id="slash-in-header"),
+    ],
+)
+def test_segments_are_strict_base64url(
+    h: Harness, dpop_key: DPoPKey, token: str, index: int, change: Any
+) -> None:
+    """RFC 7515 section 2: base64url without padding. The good proof goes first, so its header
+    segment is cached: the altered header must still be judged as a new string."""
+    assert send_proof(h, token, dpop_key.proof("GET", URL, access_token=token)).status == 200
+    proof = dpop_key.proof("GET", URL, access_token=token)
+    expect(send_proof(h, token, _segments(proof, index, change)), "proof_malformed")
+
+
+def test_infinite_iat_is_not_a_number(
+    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock
+) -> None:
+    """``1e999`` is valid JSON that Python reads as ``inf``: not a usable ``iat``."""
+    from joserfc import jws
+
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": dpop_key.public_jwk}
+    body = json.dumps({**claims(dpop_key, token, clock), "iat": 0}).replace('"iat": 0', '"iat": 1e999')
+    proof = jws.serialize_compact(header, body.encode(), dpop_key.key, algorithms=["ES256"])
+    expect(send_proof(h, token, proof), "iat_missing")
+
+
 def test_oversized_proof_refused_before_parsing(h: Harness, token: str) -> None:
     expect(send_proof(h, token, "a" * 9000), "proof_too_large")
 
@@ -148,6 +189,8 @@ def test_duplicate_claims_are_malformed(
         pytest.param({"htu": "https://x@api.example/items"}, "htu_invalid", id="htu-userinfo"),
         pytest.param({"htu": "ftp://api.example/items"}, "htu_invalid", id="htu-ftp"),
         pytest.param({"nonce": 5}, "nonce_invalid_type", id="numeric-nonce"),
+        pytest.param({"iat": 10**400}, "iat_in_future", id="iat-beyond-any-float"),
+        pytest.param({"iat": -(10**400)}, "iat_too_old", id="iat-below-any-float"),
     ],
 )
 def test_claim_defects(

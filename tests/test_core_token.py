@@ -54,6 +54,63 @@ def test_cached_token_is_never_used_past_exp(
     expect(h.dpop(dpop_key, token, "GET", URL), "token_expired")
 
 
+def test_cached_token_still_checks_nbf(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    token = issuer.token(bound_to=dpop_key, claims={"nbf": clock.now + 3})  # inside the leeway
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200  # now cached
+    clock.advance(-10)  # the server's clock steps back: nbf is now ahead of now + leeway
+    expect(h.dpop(dpop_key, token, "GET", URL), "token_not_yet_valid")
+
+
+def test_application_gets_its_own_copy_of_the_claims(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """The verified token is cached; what one request's app does to its claims must not reach
+    the next request (nor the checks: exp and the binding are kept apart from the claims)."""
+    token = issuer.token(bound_to=dpop_key)
+    first = h.dpop(dpop_key, token, "GET", URL).outcome.result
+    assert first is not None
+    sub = first.claims["sub"]
+    first.claims["sub"] = "mallory"  # type: ignore[index]
+    first.claims.pop("cnf")  # type: ignore[attr-defined]
+    first.claims["exp"] = 0  # type: ignore[index]
+    second = h.dpop(dpop_key, token, "GET", URL)
+    assert second.status == 200
+    assert second.outcome.result is not None
+    assert second.outcome.result.claims["sub"] == sub
+    assert second.outcome.result.claims["cnf"] == {"jkt": dpop_key.jkt}
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        pytest.param("DPoP {token},x", "multiple_auth_methods", id="comma-joined"),
+        pytest.param("DPoP {token} x", "malformed_authorization", id="trailing-junk"),
+        pytest.param("DPoP {token}\t", "malformed_authorization", id="trailing-tab"),
+    ],
+)
+def test_a_cached_token_still_gets_the_whole_authorization_grammar(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, authorization: str, reason: str
+) -> None:
+    token = issuer.token(bound_to=dpop_key)
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200  # now cached
+    proof = dpop_key.proof("GET", URL, access_token=token)
+    headers = [("authorization", authorization.format(token=token)), ("dpop", proof)]
+    expect(h.send("GET", URL, headers), reason, error="invalid_request", status=400)
+
+
+def test_a_cached_token_passes_with_any_scheme_case_and_spacing(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    token = issuer.token(bound_to=dpop_key)
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200
+    for value in (f"dpop {token}", f"DPOP  {token}"):
+        proof = dpop_key.proof("GET", URL, access_token=token)
+        answer = h.send("GET", URL, [("authorization", value), ("dpop", proof)])
+        assert answer.status == 200, value
+
+
 def test_token_without_exp(h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey) -> None:
     token = issuer.token(bound_to=dpop_key, claims={"exp": REMOVE})
     expect(h.dpop(dpop_key, token, "GET", URL), "token_exp_missing")

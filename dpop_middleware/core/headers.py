@@ -7,7 +7,8 @@ RFC 9449 figure 12: ``credentials = "DPoP" 1*SP token68``; the auth-scheme is ca
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import NamedTuple
 
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.errors import (
@@ -27,15 +28,23 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z0-9!#$%&'*+\-.^_`|~]+)(?: +(?P<tok
 _DESCRIPTION_BAD = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+def _never(token: str) -> bool:
+    return False
+
+
+class Credentials(NamedTuple):
     scheme: str  # "dpop" or "bearer" (lower-cased)
     token: str
     proof: str | None
+    #: Every ``Host`` header value (the same pass over the headers finds them for ``htu``).
+    hosts: list[str]
 
 
 def read_credentials(
-    request: RequestInfo, *, max_token_size: int, max_proof_size: int
+    request: RequestInfo,
+    max_token_size: int,
+    max_proof_size: int,
+    known_token: Callable[[str], bool] = _never,
 ) -> Credentials:
     """Find the access token and the DPoP proof, refusing every ambiguous combination.
 
@@ -45,19 +54,23 @@ def read_credentials(
       headers with commas, and a compact JWS has none): 401 ``invalid_dpop_proof`` (RFC 9449
       section 4.3 step 1);
     * no usable credentials: 401 without an error code (RFC 6750 section 3.1).
+
+    ``known_token`` says whether a token string was verified before (the token cache): such a
+    string passed the whole grammar then, so the same string is not matched again.
     """
     auth: list[str] = []
     proofs: list[str] = []
+    hosts: list[str] = []
     for name, value in request.headers:  # one pass; duplicates kept
         if name == "authorization":
             auth.append(value)
         elif name == "dpop":
             proofs.append(value)
-    in_query = _query_has_token(request.query_string)
-    # A WSGI server joins repeated headers with ", "; token68 has no comma, so a comma after a
-    # DPoP or Bearer scheme means two Authorization headers.
-    merged = bool(auth) and "," in auth[0] and auth[0][:7].lower().startswith(("dpop ", "bearer "))
-    if len(auth) > 1 or merged or (auth and in_query):
+        elif name == "host":
+            hosts.append(value)
+    query = request.query_string
+    in_query = bool(query) and _query_has_token(query)
+    if len(auth) > 1 or (auth and in_query):
         raise InvalidRequestError(
             "multiple_auth_methods", "Multiple methods used to include access token", scheme="both"
         )
@@ -67,22 +80,38 @@ def read_credentials(
         )
     if not auth:
         raise MissingCredentialsError("no_credentials", "No access token")
-    if len(auth[0]) > max_token_size + 8:
-        raise InvalidRequestError("token_too_large", "Access token too large")
-    fast = _DPOP_OR_BEARER.fullmatch(auth[0])
-    if fast is not None:
-        scheme, token = fast.group(1).lower(), fast.group(2)
+    value = auth[0]
+    # Fast path: "DPoP " + a token seen before (one space, as every client sends it).
+    if value[:5].lower() == "dpop " and known_token(token := value[5:]):
+        scheme = "dpop"
     else:
-        scheme, token = _classify(auth[0])
+        scheme, token = _parse_authorization(value, max_token_size)
 
     proof: str | None = None
-    if len(proofs) > 1 or (proofs and "," in proofs[0]):
-        raise InvalidDPoPProofError("multiple_proofs", "More than one DPoP header")
     if proofs:
-        proof = proofs[0].strip()
+        proof = proofs[0]
+        if len(proofs) > 1 or "," in proof:
+            raise InvalidDPoPProofError("multiple_proofs", "More than one DPoP header")
+        proof = proof.strip()
         if len(proof) > max_proof_size:
             raise InvalidDPoPProofError("proof_too_large", "DPoP proof too large")
-    return Credentials(scheme, token, proof)
+    return Credentials(scheme, token, proof, hosts)
+
+
+def _parse_authorization(value: str, max_token_size: int) -> tuple[str, str]:
+    """The whole grammar of an ``Authorization`` value: (lower-cased scheme, token68)."""
+    # A WSGI server joins repeated headers with ", "; token68 has no comma, so a comma after a
+    # DPoP or Bearer scheme means two Authorization headers.
+    if "," in value and value[:7].lower().startswith(("dpop ", "bearer ")):
+        raise InvalidRequestError(
+            "multiple_auth_methods", "Multiple methods used to include access token", scheme="both"
+        )
+    if len(value) > max_token_size + 8:
+        raise InvalidRequestError("token_too_large", "Access token too large")
+    fast = _DPOP_OR_BEARER.fullmatch(value)
+    if fast is not None:
+        return fast.group(1).lower(), fast.group(2)
+    return _classify(value)
 
 
 def _classify(value: str) -> tuple[str, str]:

@@ -171,17 +171,19 @@ def _trusted(
 
 def request_htu(
     request: RequestInfo,
-    *,
+    host_values: Sequence[str],
     public_url: tuple[str, str, str] | None,
     trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
 ) -> str:
-    """The normalised URI this request was sent to, as the client should have put it in ``htu``."""
+    """The normalised URI this request was sent to, as the client should have put it in ``htu``.
+
+    ``host_values`` are the request's ``Host`` header values (found in the credentials pass).
+    """
     if public_url is not None:
         scheme, authority, prefix = public_url
         return f"{scheme}://{authority}{normalize_path(prefix + request.path)}"
 
     scheme = request.scheme.lower()
-    host_values = request.header_values("host")
     if len(host_values) > 1:
         raise InvalidRequestError("invalid_host", "More than one Host header")
     host = host_values[0] if host_values else None

@@ -18,13 +18,22 @@ class MalformedError(ValueError):
 
 
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
+_PADDING = (b"", b"===", b"==", b"=")  # by len % 4 (1 is never valid: a2b_base64 refuses it)
 
 
 def b64decode(segment: str) -> bytes:
-    """base64url without padding (RFC 7515 section 2). Callers match the alphabet first."""
+    """base64url without padding (RFC 7515 section 2), strictly: one or more characters of
+    ``A-Z a-z 0-9 - _`` and nothing else (no ``+``, ``/``, ``=``, whitespace or non-ASCII).
+
+    Standing alone, it is the whole syntax check of a JWS segment: ``a2b_base64`` in strict mode
+    refuses every character outside the standard alphabet, and the three that alphabet has but
+    base64url has not are refused here before ``-`` and ``_`` are mapped onto them.
+    """
+    if not segment or "+" in segment or "/" in segment or "=" in segment:
+        raise MalformedError("bad base64url")
     try:
-        data = segment.encode("ascii").translate(_URLSAFE)
-        return binascii.a2b_base64(data + b"=" * (-len(segment) % 4), strict_mode=True)
+        data = segment.encode("ascii").translate(_URLSAFE) + _PADDING[len(segment) & 3]
+        return binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise MalformedError("bad base64url") from exc
 
@@ -51,7 +60,11 @@ _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignor
 
 def json_object(segment: str) -> dict[str, Any]:
     """Decode a base64url JSON object segment; MalformedError for anything else."""
-    raw = b64decode(segment)
+    return json_object_from(b64decode(segment))
+
+
+def json_object_from(raw: bytes) -> dict[str, Any]:
+    """Decode UTF-8 JSON text that must be one object; MalformedError for anything else."""
     try:
         text = raw.decode("utf-8")
         # Fast path: the C scanner on the whole text (what ``decode`` does, minus its two

@@ -69,6 +69,9 @@ class LRU(Generic[K, V]):
             except KeyError:
                 break
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -132,6 +135,11 @@ class ProofKey:
     alg: str
     jkt: str
     verify: Verify
+    #: ``jkt`` as ASCII bytes, for the binding check and the replay key.
+    jkt_bytes: bytes = b""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "jkt_bytes", self.jkt.encode("ascii"))
 
 
 def import_proof_key(jwk: Mapping[str, Any], alg: str) -> ProofKey:

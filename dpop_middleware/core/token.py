@@ -1,22 +1,25 @@
 """Access token checks (RFC 9068 JWT access tokens, or a user-supplied verifier) and the key
 binding (RFC 9449 section 6).
 
-Verified JWTs are cached by the SHA-256 of the token (the same digest ``ath`` needs, computed once
-per request); a cache hit still re-checks ``exp`` and ``nbf`` against the clock, so a cached token
-is never accepted past its expiry, and a JWK Set change empties the cache.
+A verified JWT is cached (LRU, keyed by the token itself) as a :class:`VerifiedToken`: the claims
+and what every request needs of them, extracted once (``exp``, ``nbf``, the bound ``cnf.jkt``)
+and the token's ``ath`` value. A cache hit still checks ``exp`` and ``nbf`` against the clock, so
+a cached token is never accepted past its expiry, and a JWK Set change makes every entry stale.
+Applications get a copy of the claims, so nothing they do to it can reach the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from joserfc import jwt
 from joserfc.errors import JoseError
 
-from dpop_middleware.core.jose import COMPACT_JWS, MalformedError, json_object
-from dpop_middleware.core.keys import LRU, IssuerKeys, JWKSFetchNeeded
+from dpop_middleware.core.jose import COMPACT_JWS, MalformedError, b64encode, json_object
+from dpop_middleware.core.keys import LRU, IssuerKeys, JWKSFetchNeeded, ProofKey
 from dpop_middleware.errors import InvalidTokenError, Scheme, ServiceUnavailableError
 from dpop_middleware.settings import Settings
 
@@ -26,6 +29,26 @@ _LAX_TYPES = _STRICT_TYPES | {"jwt", "application/jwt"}
 
 def _invalid(reason: str, description: str, scheme: Scheme) -> InvalidTokenError:
     return InvalidTokenError(reason, description, scheme=scheme)
+
+
+def token_ath(token: str) -> bytes:
+    """RFC 9449 section 4.2: ``ath`` = base64url(SHA-256(ASCII(access token))), as bytes.
+
+    The token is token68 by then (:mod:`headers` checked it), so it is ASCII.
+    """
+    return b64encode(hashlib.sha256(token.encode("ascii")).digest()).encode("ascii")
+
+
+class VerifiedToken(NamedTuple):
+    """An access token that passed every check but the clock, with what each request needs."""
+
+    claims: Mapping[str, Any]
+    exp: float | None  # None only from a token_verifier that gave no exp
+    nbf: float | None
+    #: ``cnf.jkt`` as UTF-8 bytes (RFC 9449 section 6.1), or None for an unbound token.
+    jkt: bytes | None
+    ath: bytes
+    version: int  # the JWK Set version it was verified under (0 for a token_verifier)
 
 
 class AccessTokenChecker:
@@ -45,11 +68,31 @@ class AccessTokenChecker:
                 cache_ttl=settings.jwks_cache_ttl,
                 refresh_interval=settings.jwks_refresh_interval,
             )
-        # digest -> (claims, JWK Set version it was verified under)
-        self._cache: LRU[bytes, tuple[Mapping[str, Any], int]] = LRU(settings.token_cache_size)
+        self._cache: LRU[str, VerifiedToken] = LRU(settings.token_cache_size)
 
-    def check(self, token: str, digest: bytes, now: float, scheme: Scheme) -> Mapping[str, Any]:
-        """The token's claims, or InvalidTokenError. ``scheme`` says which challenge gets the error."""
+    def known(self, token: str) -> bool:
+        """True if ``token`` is in the cache: it was a well-formed JWT when it was verified."""
+        return token in self._cache
+
+    def cached(self, token: str) -> VerifiedToken | None:
+        """The cache entry for ``token`` if it is current (verified under this JWK Set)."""
+        entry = self._cache.get(token)
+        if entry is not None and self.keys is not None and entry.version == self.keys.version:
+            return entry
+        return None
+
+    def check(
+        self, token: str, ath: bytes, now: float, scheme: Scheme, cached: VerifiedToken | None
+    ) -> VerifiedToken:
+        """The verified token, or InvalidTokenError; ``cached`` is what :meth:`cached` gave.
+        ``scheme`` says which challenge gets the error."""
+        if cached is not None:
+            exp, nbf, leeway = cached.exp, cached.nbf, self._leeway
+            if exp is not None and now >= exp + leeway:
+                raise _invalid("token_expired", "The access token has expired", scheme)
+            if nbf is not None and nbf > now + leeway:
+                raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
+            return cached
         if self._custom is not None:
             claims = self._custom(token)
             if not isinstance(claims, Mapping):
@@ -63,18 +106,15 @@ class AccessTokenChecker:
                 raise _invalid(
                     "token_type_mismatch", "The access token is not a DPoP token", scheme
                 )
-            self._check_times(claims, now, scheme, required=False)
-            return claims
+            exp, nbf = self._check_times(claims, now, scheme, required=False)
+            return VerifiedToken(claims, exp, nbf, _bound(claims), ath, 0)
         keys = self.keys
         assert keys is not None
-        cached = self._cache.get(digest)
-        if cached is not None and cached[1] == keys.version:
-            self._check_times(cached[0], now, scheme, required=True)
-            return cached[0]
         claims = self._verify_jwt(token, keys, now, scheme)
-        self._check_times(claims, now, scheme, required=True)
-        self._cache.put(digest, (claims, keys.version))
-        return claims
+        exp, nbf = self._check_times(claims, now, scheme, required=True)
+        entry = VerifiedToken(claims, exp, nbf, _bound(claims), ath, keys.version)
+        self._cache.put(token, entry)
+        return entry
 
     def _verify_jwt(
         self, token: str, keys: IssuerKeys, now: float, scheme: Scheme
@@ -142,7 +182,8 @@ class AccessTokenChecker:
 
     def _check_times(
         self, claims: Mapping[str, Any], now: float, scheme: Scheme, *, required: bool
-    ) -> None:
+    ) -> tuple[float | None, float | None]:
+        """Check ``exp`` and ``nbf`` (RFC 7519 sections 4.1.4, 4.1.5); return them."""
         exp = claims.get("exp")
         if exp is None and not required:
             pass
@@ -156,22 +197,22 @@ class AccessTokenChecker:
                 raise _invalid("token_malformed", "The access token nbf is not a number", scheme)
             if nbf > now + self._leeway:
                 raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
+        return exp, nbf
 
 
-def bound_jkt(claims: Mapping[str, Any]) -> str | None:
-    """The ``cnf.jkt`` the token is bound to (RFC 9449 section 6.1), or None if unbound."""
+def _bound(claims: Mapping[str, Any]) -> bytes | None:
+    """The ``cnf.jkt`` the token is bound to (RFC 9449 section 6.1) as bytes, or None."""
     cnf = claims.get("cnf")
     if isinstance(cnf, Mapping):
         jkt = cnf.get("jkt")
         if isinstance(jkt, str):
-            return jkt
+            return jkt.encode("utf-8", "surrogatepass")
     return None
 
 
-def check_binding(claims: Mapping[str, Any], jkt: str) -> None:
+def check_binding(token: VerifiedToken, key: ProofKey) -> None:
     """RFC 9449 section 6 / step 12: the proof key is the key the token is bound to."""
-    bound = bound_jkt(claims)
-    if bound is None:
+    if token.jkt is None:
         raise InvalidTokenError("token_not_bound", "The access token is not DPoP-bound")
-    if not hmac.compare_digest(bound.encode("utf-8", "surrogatepass"), jkt.encode("ascii")):
+    if not hmac.compare_digest(token.jkt, key.jkt_bytes):
         raise InvalidTokenError("jkt_mismatch", "Invalid DPoP key binding")

@@ -18,16 +18,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 from dpop_middleware.core import headers as hdr
 from dpop_middleware.core.htu import check_htu, normalize_path, request_htu
 from dpop_middleware.core.keys import IssuerKeys
 from dpop_middleware.core.nonce import NonceIssuer
-from dpop_middleware.core.proof import Proof, ProofParser, check_ath, check_htm, check_iat
+from dpop_middleware.core.proof import Proof, ProofParser, check_ath, check_iat
 from dpop_middleware.core.request import RequestInfo
-from dpop_middleware.core.token import AccessTokenChecker, bound_jkt, check_binding
+from dpop_middleware.core.token import (
+    AccessTokenChecker,
+    VerifiedToken,
+    check_binding,
+    token_ath,
+)
 from dpop_middleware.errors import (
     DPoPError,
     InvalidDPoPProofError,
@@ -42,16 +48,22 @@ EXPOSE_HEADERS: Header = ("access-control-expose-headers", "WWW-Authenticate, DP
 NO_STORE: Header = ("cache-control", "no-store")
 
 
-@dataclass(frozen=True, slots=True)
-class DPoPResult:
-    """What the application gets (ASGI ``scope["dpop"]``, WSGI ``environ["dpop"]``)."""
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
+class DPoPResult(NamedTuple):
+    """What the application gets (ASGI ``scope["dpop"]``, WSGI ``environ["dpop"]``).
+
+    Immutable; a NamedTuple because one is built per request and that is the cheapest
+    immutable value Python has. ``claims`` is the request's own copy.
+    """
 
     claims: Mapping[str, Any]
     #: RFC 7638 thumbprint of the proof key (None for an unbound Bearer token in migration mode).
     jkt: str | None
     #: "DPoP", or "Bearer" for an unbound token accepted in ``dpop_or_bearer`` mode.
     scheme: Literal["DPoP", "Bearer"]
-    proof_claims: Mapping[str, Any] = field(default_factory=dict)
+    proof_claims: Mapping[str, Any] = _NO_CLAIMS
 
     @property
     def bound(self) -> bool:
@@ -147,31 +159,40 @@ class Verifier:
             return None
         settings = self.settings
         now = self._clock()
+        tokens = self._tokens
         creds = hdr.read_credentials(
-            request, max_token_size=settings.max_token_size, max_proof_size=settings.max_proof_size
+            request, settings.max_token_size, settings.max_proof_size, tokens.known
         )
-        digest = hashlib.sha256(creds.token.encode("ascii")).digest()
+        token = creds.token
+        cached = tokens.cached(token)
+        ath = cached.ath if cached is not None else token_ath(token)
 
         if creds.scheme == "bearer":
-            return self._check_bearer(creds.token, digest, now)
+            return self._check_bearer(token, ath, now, cached)
 
         # RFC 9449 section 7.1: a DPoP token MUST come with a proof.
         if creds.proof is None:
             raise InvalidDPoPProofError("proof_missing", "DPoP proof is missing")
         proof = self._proofs.parse(creds.proof)
-        check_htm(proof, request.method)
-        check_htu(proof.htu, request_htu(
-            request, public_url=self._public_url, trusted_proxies=settings.trusted_proxies
-        ))  # fmt: skip
-        check_ath(proof, digest)
+        if proof.htm != request.method:  # step 8 (methods are case-sensitive, RFC 9110 9.1)
+            raise InvalidDPoPProofError(
+                "htm_mismatch", "DPoP proof htm does not match the request method"
+            )
+        check_htu(
+            proof.htu,
+            request_htu(request, creds.hosts, self._public_url, settings.trusted_proxies),
+        )
+        check_ath(proof, ath)
         response_headers = self._check_freshness(proof, request, now)
-        claims = self._tokens.check(creds.token, digest, now, "DPoP")
-        check_binding(claims, proof.key.jkt)
+        verified = tokens.check(token, ath, now, "DPoP", cached)
+        key = proof.key
+        check_binding(verified, key)
         # The replay key: hash of (key thumbprint, jti), so two clients cannot collide.
         replay_key = hashlib.sha256(
-            proof.key.jkt.encode() + b"\x00" + proof.jti.encode("utf-8", "surrogatepass")
+            key.jkt_bytes + b"\x00" + proof.jti.encode("utf-8", "surrogatepass")
         ).digest()
-        result = DPoPResult(claims, proof.key.jkt, "DPoP", proof.claims)
+        # A copy of the claims: the cached ones are never handed to the application.
+        result = DPoPResult(dict(verified.claims), key.jkt, "DPoP", proof.claims)
         return Pending(result, replay_key, self._ttl, response_headers)
 
     def _check_freshness(
@@ -181,7 +202,7 @@ class Verifier:
         settings = self.settings
         nonces = self._nonces
         if nonces is None:
-            check_iat(proof, now, max_age=settings.proof_max_age, skew=settings.clock_skew)
+            check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
             return ()
         if proof.nonce is not None:
             if not nonces.valid(proof.nonce, now):
@@ -195,7 +216,7 @@ class Verifier:
         if self._nonce_required(request.path):
             raise UseDPoPNonceError("nonce_missing", "Resource server requires nonce in DPoP proof")
         try:
-            check_iat(proof, now, max_age=settings.proof_max_age, skew=settings.clock_skew)
+            check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
         except InvalidDPoPProofError as exc:
             # With nonces on, a bad clock is recoverable: offer a nonce instead of a hard failure.
             raise UseDPoPNonceError(
@@ -203,19 +224,21 @@ class Verifier:
             ) from None
         return (("dpop-nonce", nonces.current(now)), NO_STORE)
 
-    def _check_bearer(self, token: str, digest: bytes, now: float) -> Pending:
+    def _check_bearer(
+        self, token: str, ath: bytes, now: float, cached: VerifiedToken | None
+    ) -> Pending:
         if not self._bearer:
             # Only DPoP is accepted; a Bearer token (bound or not) is refused (section 7.2).
             raise InvalidTokenError(
                 "bearer_not_allowed", "Bearer tokens are not accepted; use DPoP", scheme="DPoP"
             )
-        claims = self._tokens.check(token, digest, now, "Bearer")
-        if bound_jkt(claims) is not None:
+        verified = self._tokens.check(token, ath, now, "Bearer", cached)
+        if verified.jkt is not None:
             # Section 7.2: "MUST reject a DPoP-bound access token received as a bearer token".
             raise InvalidTokenError(
                 "downgrade", "DPoP-bound access token sent as a Bearer token", scheme="Bearer"
             )
-        return Pending(DPoPResult(claims, None, "Bearer"), None, 0.0)
+        return Pending(DPoPResult(dict(verified.claims), None, "Bearer"), None, 0.0)
 
     def finish(self, pending: Pending, first_seen: bool) -> DPoPResult:
         """Take the replay store's answer (RFC 9449 section 11.1)."""
