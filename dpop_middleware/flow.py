@@ -46,6 +46,7 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.verifier = Verifier(settings)
+        self._keys = self.verifier.keys  # the JWK Set holder, or None (fixed for the Engine's life)
         self._report_only = settings.mode == "report_only"
         self._sync_lock = threading.Lock()
         self._async_lock: asyncio.Lock | None = None
@@ -143,13 +144,10 @@ class Engine:
 
     # -- the request ---------------------------------------------------------------------------
 
-    def _attempt(self) -> float:
-        keys = self.verifier.keys
-        return keys.attempted_at if keys is not None else 0.0
-
     def run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
         try:
-            seen = self._attempt()
+            keys = self._keys
+            seen = keys.attempted_at if keys is not None else 0.0
             try:
                 pending = self.verifier.check(request)
             except JWKSFetchNeeded as need:
@@ -172,11 +170,12 @@ class Engine:
             result = self.verifier.finish(pending, first)
         except DPoPError as error:
             return self._refuse_sync(request, error)
-        return Outcome(result=result, response_headers=pending.response_headers)
+        return Outcome(result, None, pending.response_headers)
 
     async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
         try:
-            seen = self._attempt()
+            keys = self._keys
+            seen = keys.attempted_at if keys is not None else 0.0
             try:
                 pending = self.verifier.check(request)
             except JWKSFetchNeeded as need:
@@ -199,7 +198,7 @@ class Engine:
             result = self.verifier.finish(pending, first)
         except DPoPError as error:
             return await self._refuse_async(request, error)
-        return Outcome(result=result, response_headers=pending.response_headers)
+        return Outcome(result, None, pending.response_headers)
 
 
 def _store_down(exc: ReplayStoreError) -> ServiceUnavailableError:

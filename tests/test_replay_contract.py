@@ -36,7 +36,7 @@ BACKENDS = [
 
 
 def new_key() -> bytes:
-    return os.urandom(32)  # what the verifier hands over: SHA-256 of (jkt, jti)
+    return os.urandom(32)  # what the verifier hands over: BLAKE2b-256 of (jkt, jti)
 
 
 class Harness:

@@ -189,7 +189,7 @@ def request_htu(
     host = host_values[0] if host_values else None
     prefix = request.root_path
 
-    if _trusted(request.client_ip, trusted_proxies):
+    if trusted_proxies and _trusted(request.client_ip, trusted_proxies):
         fwd_values = request.header_values("forwarded")
         if fwd_values:
             fwd = _forwarded(fwd_values[-1])
@@ -214,12 +214,18 @@ def request_htu(
     if not host:
         raise InvalidRequestError("invalid_host", "The request has no Host header")
     try:
-        authority = _authority(scheme, host)
+        return _compose(scheme, host, prefix, request.path)
     except ValueError:
         raise InvalidRequestError(
             "invalid_host", "The Host header is not a valid host", log_detail=f"host={host[:100]!r}"
         ) from None
-    return f"{scheme}://{authority}{normalize_path(prefix + request.path)}"
+
+
+@_memo
+def _compose(scheme: str, host: str, prefix: str, path: str) -> str:
+    """The normalised ``scheme://authority/prefix/path`` (ValueError for a bad host): one memo
+    lookup per request for what is the same few strings on every request."""
+    return f"{scheme}://{_authority(scheme, host)}{normalize_path(prefix + path)}"
 
 
 def check_htu(claimed: str, expected: str) -> None:

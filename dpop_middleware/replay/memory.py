@@ -3,7 +3,7 @@
 Entries are kept in *generations*: each generation is a dict filled during one ``period`` of
 wall time and remembers the latest expiry it holds, so a whole generation is dropped in O(1) once
 everything in it has expired. Each entry also keeps its own expiry, so answers are exact.
-Keys are the first 16 bytes of the verifier's SHA-256 replay key (128 bits: collisions are not a
+Keys are the first 16 bytes of the verifier's BLAKE2b-256 replay key (128 bits: collisions are not a
 practical concern), which keeps a live entry well under 200 bytes.
 
 When ``max_entries`` live entries are held, new proofs are refused with
@@ -65,8 +65,10 @@ class MemoryReplayStore:
         short = key[:_KEY_BYTES]
         with self._lock:
             now = self._clock()
-            self._expire(now)
-            for gen in self._generations:
+            gens = self._generations
+            if gens and gens[0].max_expiry <= now:
+                self._expire(now)
+            for gen in gens:
                 expiry = gen.entries.get(short)
                 if expiry is not None:
                     if expiry > now:
@@ -78,7 +80,6 @@ class MemoryReplayStore:
                     f"memory replay store is full ({self.max_entries} live entries); "
                     "raise replay_store max_entries or use Redis"
                 )
-            gens = self._generations
             if not gens or now - gens[-1].started >= self._period:
                 gens.append(_Generation(now))
             current = gens[-1]
