@@ -92,3 +92,59 @@ def test_arbitrary_host_and_path(host: str, path: str) -> None:
     info = type(info)(**{**{f: getattr(info, f) for f in info.__slots__}, "path": "/" + path})  # type: ignore[attr-defined]
     outcome = HARNESS.engine.run_sync(info, HARNESS.store)
     assert outcome.refusal is None or outcome.refusal.status in (400, 401)
+
+
+# Members as (name, value) pairs, so that a name can repeat; rendered with json.dumps pieces and
+# random spacing, the way another encoder (or an attacker) might write them.
+def _render(node: Any, space: str) -> str:
+    if isinstance(node, tuple) and node and node[0] == "object":
+        members = [
+            f"{json.dumps(name)}{space}:{space}{_render(value, space)}" for name, value in node[1]
+        ]
+        return "{" + f",{space}".join(members) + "}"
+    if isinstance(node, tuple) and node and node[0] == "array":
+        return "[" + ",".join(_render(item, space) for item in node[1]) + "]"
+    return json.dumps(node)
+
+
+def _has_duplicates(node: Any) -> bool:
+    if isinstance(node, tuple) and node and node[0] == "object":
+        names = [name for name, _ in node[1]]
+        return len(names) != len(set(names)) or any(_has_duplicates(v) for _, v in node[1])
+    if isinstance(node, tuple) and node and node[0] == "array":
+        return any(_has_duplicates(item) for item in node[1])
+    return False
+
+
+json_trees = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='ab,:{}[]" ', max_size=6),
+    lambda inner: (
+        st.tuples(st.just("array"), st.lists(inner, max_size=3))
+        | st.tuples(
+            st.just("object"),
+            st.lists(st.tuples(st.sampled_from(["a", "b", "a,", ","]), inner), max_size=4),
+        )
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.tuples(
+        st.just("object"),
+        st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), json_trees), max_size=5),
+    ),
+    st.sampled_from(["", " "]),
+)
+def test_duplicate_members_are_refused_at_any_depth(tree: Any, space: str) -> None:
+    """jose.json_object_from's comma-count fast path must agree with the hooked decoder."""
+    from dpop_middleware.core.jose import MalformedError, json_object_from
+
+    text = _render(tree, space)
+    try:
+        json_object_from(text.encode())
+        accepted = True
+    except MalformedError:
+        accepted = False
+    assert accepted is not _has_duplicates(tree), text

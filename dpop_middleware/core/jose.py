@@ -56,6 +56,10 @@ def _no_constants(name: str) -> Any:
 # Built once: ``json.loads`` with keyword arguments builds a new decoder on every call.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
 _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+# The same without the duplicate hook (the C scanner builds the dicts itself), for the fast path.
+_PLAIN_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_no_constants
+).scan_once
 
 
 def json_object(segment: str) -> dict[str, Any]:
@@ -64,11 +68,24 @@ def json_object(segment: str) -> dict[str, Any]:
 
 
 def json_object_from(raw: bytes) -> dict[str, Any]:
-    """Decode UTF-8 JSON text that must be one object; MalformedError for anything else."""
+    """Decode UTF-8 JSON text that must be one object, with no duplicate member names at any
+    depth; MalformedError for anything else.
+
+    Fast path: the C scanner without the duplicate hook, on the whole text. Its object has no
+    duplicates at any depth when it has one more member than the text has commas: every member
+    after the first needs a comma of its own at the top level, so ``commas + 1 >= members >=
+    len(object)``, and any comma elsewhere (in a string, an array, or a nested object, which needs
+    one to hold a duplicate) breaks the equality. Anything else takes the hooked decoder.
+    """
     try:
         text = raw.decode("utf-8")
-        # Fast path: the C scanner on the whole text (what ``decode`` does, minus its two
-        # whitespace regexes); anything else (surrounding whitespace, errors) takes the full path.
+        try:
+            value, end = _PLAIN_SCAN(text, 0)
+        except StopIteration:
+            end = -1
+        if end == len(text) and type(value) is dict and len(value) == text.count(",") + 1:
+            return value
+        # The full path: surrounding whitespace, commas inside values, errors, non-objects.
         try:
             value, end = _SCAN(text, 0)
         except StopIteration:
