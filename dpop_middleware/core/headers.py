@@ -7,7 +7,6 @@ RFC 9449 figure 12: ``credentials = "DPoP" 1*SP token68``; the auth-scheme is ca
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import NamedTuple
 
 from dpop_middleware.core.request import RequestInfo
@@ -28,35 +27,23 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z0-9!#$%&'*+\-.^_`|~]+)(?: +(?P<tok
 _DESCRIPTION_BAD = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
 
 
-def _never(token: str) -> bool:
-    return False
+class HeaderScan(NamedTuple):
+    """What one pass over the request headers found (RFC 9449 section 4.3 step 1 needs them all)."""
+
+    authorization: str  # the one Authorization value, not yet parsed
+    proofs: list[str]  # every DPoP header value
+    hosts: list[str]  # every Host header value (for htu)
 
 
-class Credentials(NamedTuple):
-    scheme: str  # "dpop" or "bearer" (lower-cased)
-    token: str
-    proof: str | None
-    #: Every ``Host`` header value (the same pass over the headers finds them for ``htu``).
-    hosts: list[str]
-
-
-def read_credentials(
-    request: RequestInfo,
-    max_token_size: int,
-    max_proof_size: int,
-    known_token: Callable[[str], bool] = _never,
-) -> Credentials:
-    """Find the access token and the DPoP proof, refusing every ambiguous combination.
+def scan_headers(request: RequestInfo) -> HeaderScan:
+    """One pass over the headers; refuses every ambiguous way of sending the access token.
 
     * more than one ``Authorization`` header, or a token in the query as well: 400
       ``invalid_request`` (RFC 6750 section 2, RFC 9449 figure 19);
-    * more than one ``DPoP`` header, or a comma in its value (a WSGI server joins repeated
-      headers with commas, and a compact JWS has none): 401 ``invalid_dpop_proof`` (RFC 9449
-      section 4.3 step 1);
     * no usable credentials: 401 without an error code (RFC 6750 section 3.1).
 
-    ``known_token`` says whether a token string was verified before (the token cache): such a
-    string passed the whole grammar then, so the same string is not matched again.
+    The value is parsed by :func:`parse_authorization` (or found in the token cache, which is
+    keyed by whole values that parsed before), then the proof by :func:`proof_value`.
     """
     auth: list[str] = []
     proofs: list[str] = []
@@ -80,25 +67,10 @@ def read_credentials(
         )
     if not auth:
         raise MissingCredentialsError("no_credentials", "No access token")
-    value = auth[0]
-    # Fast path: "DPoP " + a token seen before (one space, as every client sends it).
-    if value[:5].lower() == "dpop " and known_token(token := value[5:]):
-        scheme = "dpop"
-    else:
-        scheme, token = _parse_authorization(value, max_token_size)
-
-    proof: str | None = None
-    if proofs:
-        proof = proofs[0]
-        if len(proofs) > 1 or "," in proof:
-            raise InvalidDPoPProofError("multiple_proofs", "More than one DPoP header")
-        proof = proof.strip()
-        if len(proof) > max_proof_size:
-            raise InvalidDPoPProofError("proof_too_large", "DPoP proof too large")
-    return Credentials(scheme, token, proof, hosts)
+    return HeaderScan(auth[0], proofs, hosts)
 
 
-def _parse_authorization(value: str, max_token_size: int) -> tuple[str, str]:
+def parse_authorization(value: str, max_token_size: int) -> tuple[str, str]:
     """The whole grammar of an ``Authorization`` value: (lower-cased scheme, token68)."""
     # A WSGI server joins repeated headers with ", "; token68 has no comma, so a comma after a
     # DPoP or Bearer scheme means two Authorization headers.
@@ -112,6 +84,21 @@ def _parse_authorization(value: str, max_token_size: int) -> tuple[str, str]:
     if fast is not None:
         return fast.group(1).lower(), fast.group(2)
     return _classify(value)
+
+
+def proof_value(proofs: list[str], max_proof_size: int) -> str | None:
+    """The one ``DPoP`` header value, or None. More than one, or a comma in it (a WSGI server
+    joins repeated headers with commas, and a compact JWS has none): 401 ``invalid_dpop_proof``
+    (RFC 9449 section 4.3 step 1); over ``max_proof_size``: refused before any parsing."""
+    if not proofs:
+        return None
+    proof = proofs[0]
+    if len(proofs) > 1 or "," in proof:
+        raise InvalidDPoPProofError("multiple_proofs", "More than one DPoP header")
+    proof = proof.strip()
+    if len(proof) > max_proof_size:
+        raise InvalidDPoPProofError("proof_too_large", "DPoP proof too large")
+    return proof
 
 
 def _classify(value: str) -> tuple[str, str]:

@@ -69,9 +69,6 @@ class LRU(Generic[K, V]):
             except KeyError:
                 break
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
     def __len__(self) -> int:
         return len(self._data)
 

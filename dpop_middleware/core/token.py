@@ -1,7 +1,8 @@
 """Access token checks (RFC 9068 JWT access tokens, or a user-supplied verifier) and the key
 binding (RFC 9449 section 6).
 
-A verified JWT is cached (LRU, keyed by the token itself) as a :class:`VerifiedToken`: the claims
+A verified JWT is cached (LRU, keyed by the whole ``Authorization`` value) as a
+:class:`VerifiedToken`: the claims
 and what every request needs of them, extracted once (``exp``, ``nbf``, the bound ``cnf.jkt``)
 and the token's ``ath`` value. A cache hit still checks ``exp`` and ``nbf`` against the clock, so
 a cached token is never accepted past its expiry, and a JWK Set change makes every entry stale.
@@ -40,8 +41,13 @@ def token_ath(token: str) -> bytes:
 
 
 class VerifiedToken(NamedTuple):
-    """An access token that passed every check but the clock, with what each request needs."""
+    """An access token that passed every check but the clock, with what each request needs.
 
+    Cached under the whole ``Authorization`` value it came in, which therefore parsed as
+    ``scheme`` + ``token`` (the same string always does)."""
+
+    scheme: str  # "dpop" or "bearer"
+    token: str
     claims: Mapping[str, Any]
     exp: float | None  # None only from a token_verifier that gave no exp
     nbf: float | None
@@ -70,22 +76,25 @@ class AccessTokenChecker:
             )
         self._cache: LRU[str, VerifiedToken] = LRU(settings.token_cache_size)
 
-    def known(self, token: str) -> bool:
-        """True if ``token`` is in the cache: it was a well-formed JWT when it was verified."""
-        return token in self._cache
-
-    def cached(self, token: str) -> VerifiedToken | None:
-        """The cache entry for ``token`` if it is current (verified under this JWK Set)."""
-        entry = self._cache.get(token)
+    def cached(self, authorization: str) -> VerifiedToken | None:
+        """The cache entry for an ``Authorization`` value if it is current (verified under this
+        JWK Set)."""
+        entry = self._cache.get(authorization)
         if entry is not None and self.keys is not None and entry.version == self.keys.version:
             return entry
         return None
 
     def check(
-        self, token: str, ath: bytes, now: float, scheme: Scheme, cached: VerifiedToken | None
+        self,
+        authorization: str,
+        token: str,
+        ath: bytes,
+        now: float,
+        scheme: Scheme,
+        cached: VerifiedToken | None,
     ) -> VerifiedToken:
-        """The verified token, or InvalidTokenError; ``cached`` is what :meth:`cached` gave.
-        ``scheme`` says which challenge gets the error."""
+        """The verified token, or InvalidTokenError; ``cached`` is what :meth:`cached` gave for
+        ``authorization``. ``scheme`` says which challenge gets the error."""
         if cached is not None:
             exp, nbf, leeway = cached.exp, cached.nbf, self._leeway
             if exp is not None and now >= exp + leeway:
@@ -93,6 +102,7 @@ class AccessTokenChecker:
             if nbf is not None and nbf > now + leeway:
                 raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
             return cached
+        name = scheme.lower()
         if self._custom is not None:
             claims = self._custom(token)
             if not isinstance(claims, Mapping):
@@ -107,13 +117,15 @@ class AccessTokenChecker:
                     "token_type_mismatch", "The access token is not a DPoP token", scheme
                 )
             exp, nbf = self._check_times(claims, now, scheme, required=False)
-            return VerifiedToken(claims, exp, nbf, _bound(claims), ath, 0)
+            return VerifiedToken(name, token, claims, exp, nbf, _bound(claims), ath, 0)
         keys = self.keys
         assert keys is not None
         claims = self._verify_jwt(token, keys, now, scheme)
         exp, nbf = self._check_times(claims, now, scheme, required=True)
-        entry = VerifiedToken(claims, exp, nbf, _bound(claims), ath, keys.version)
-        self._cache.put(token, entry)
+        entry = VerifiedToken(
+            name, token, claims, exp, nbf, _bound(claims), ath, keys.version
+        )
+        self._cache.put(authorization, entry)
         return entry
 
     def _verify_jwt(

@@ -161,27 +161,31 @@ class Verifier:
         settings = self.settings
         now = self._clock()
         tokens = self._tokens
-        creds = hdr.read_credentials(
-            request, settings.max_token_size, settings.max_proof_size, tokens.known
-        )
-        token = creds.token
-        cached = tokens.cached(token)
-        ath = cached.ath if cached is not None else token_ath(token)
+        found = hdr.scan_headers(request)
+        authorization = found.authorization
+        # A cached token was verified as this very Authorization value, so the value parsed then.
+        cached = tokens.cached(authorization)
+        if cached is not None:
+            scheme, token, ath = cached.scheme, cached.token, cached.ath
+        else:
+            scheme, token = hdr.parse_authorization(authorization, settings.max_token_size)
+            ath = token_ath(token)
+        proof_value = hdr.proof_value(found.proofs, settings.max_proof_size)
 
-        if creds.scheme == "bearer":
-            return self._check_bearer(token, ath, now, cached)
+        if scheme == "bearer":
+            return self._check_bearer(authorization, token, ath, now, cached)
 
         # RFC 9449 section 7.1: a DPoP token MUST come with a proof.
-        if creds.proof is None:
+        if proof_value is None:
             raise InvalidDPoPProofError("proof_missing", "DPoP proof is missing")
-        proof = self._proofs.parse(creds.proof)
+        proof = self._proofs.parse(proof_value)
         if proof.htm != request.method:  # step 8 (methods are case-sensitive, RFC 9110 9.1)
             raise InvalidDPoPProofError(
                 "htm_mismatch", "DPoP proof htm does not match the request method"
             )
         check_htu(
             proof.htu,
-            request_htu(request, creds.hosts, self._public_url, settings.trusted_proxies),
+            request_htu(request, found.hosts, self._public_url, settings.trusted_proxies),
         )
         check_ath(proof, ath)
         if self._nonces is None:  # step 11 by iat alone
@@ -189,7 +193,7 @@ class Verifier:
             response_headers: tuple[Header, ...] = ()
         else:
             response_headers = self._nonce_freshness(proof, request, now, self._nonces)
-        verified = tokens.check(token, ath, now, "DPoP", cached)
+        verified = tokens.check(authorization, token, ath, now, "DPoP", cached)
         key = proof.key
         check_binding(verified, key)
         # The replay key: a hash of (key thumbprint, jti), so two clients cannot collide.
@@ -227,14 +231,19 @@ class Verifier:
         return (("dpop-nonce", nonces.current(now)), NO_STORE)
 
     def _check_bearer(
-        self, token: str, ath: bytes, now: float, cached: VerifiedToken | None
+        self,
+        authorization: str,
+        token: str,
+        ath: bytes,
+        now: float,
+        cached: VerifiedToken | None,
     ) -> Pending:
         if not self._bearer:
             # Only DPoP is accepted; a Bearer token (bound or not) is refused (section 7.2).
             raise InvalidTokenError(
                 "bearer_not_allowed", "Bearer tokens are not accepted; use DPoP", scheme="DPoP"
             )
-        verified = self._tokens.check(token, ath, now, "Bearer", cached)
+        verified = self._tokens.check(authorization, token, ath, now, "Bearer", cached)
         if verified.jkt is not None:
             # Section 7.2: "MUST reject a DPoP-bound access token received as a bearer token".
             raise InvalidTokenError(
