@@ -1,19 +1,23 @@
 """The in-process rows: the two floors, the core (memory warm, memory cold, sync Redis) and the
 ASGI middleware under 64 concurrent requests.
 
-They run interleaved: one untimed warm-up round of each, then round 1 of every row, round 2 of
-every row (in reverse order), and so on, so that each row and the floors it is compared with are
-measured over the same stretch of time on a machine whose load drifts. Every round verifies fresh
-proofs signed just before it (a proof can be used once, and its ``iat`` must be recent); only the
-loop over pre-built requests is timed.
+They run interleaved, finely: one untimed warm-up round of each, then for every timed round each
+row's work is cut into ``SLICES`` consecutive slices and the rows take turns slice by slice (in
+reverse order every other round). A row and the floors it is divided by thus share the same
+stretch of time at a granularity of a few tens of milliseconds: on a shared VM whose speed
+swings by tens of percent from one second to the next, that is what keeps a ratio a ratio. Every
+round verifies fresh proofs signed just before it (a proof can be used once, and its ``iat``
+must be recent); only the loops over pre-built requests are timed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import math
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,22 +95,39 @@ class Bench:
         self.samples: dict[str, Samples] = {}
         self.failures: list[str] = []
 
+    #: False for a row whose work must run in one go (the ASGI rows: 64 requests in flight).
+    sliceable = True
+
     def prepare(self) -> Any:
         return None
 
     def execute(self, work: Any) -> int:
         raise NotImplementedError
 
-    def round(self, *, record: bool = True) -> None:
-        work = self.prepare()
-        wall_us, cpu_us = per_op_us(lambda: self.execute(work))
+    def slices(self, work: Any, count: int) -> list[Any]:
+        """``work`` cut into ``count`` consecutive parts (a sequence; see ``sliceable``)."""
+        if not self.sliceable:
+            return [work] + [None] * (count - 1)
+        size = len(work)
+        return [work[size * i // count : size * (i + 1) // count] for i in range(count)]
+
+    def check_failures(self) -> None:
         if self.failures:
             first, count = self.failures[0], len(self.failures)
             self.failures.clear()
             raise BenchmarkError(f"{self.name}: {count} failed, the first: {first}")
+
+    def record(self, wall_us: float, cpu_us: float) -> None:
+        for key, value in ((self.wall_key, wall_us), (self.cpu_key, cpu_us)):
+            self.samples.setdefault(key, Samples()).add(value)
+
+    def round(self, *, record: bool = True) -> None:
+        """One round on its own (the warm-up, and ``benchmarks.profile``)."""
+        work = self.prepare()
+        wall_us, cpu_us = per_op_us(lambda: self.execute(work))
+        self.check_failures()
         if record:
-            for key, value in ((self.wall_key, wall_us), (self.cpu_key, cpu_us)):
-                self.samples.setdefault(key, Samples()).add(value)
+            self.record(wall_us, cpu_us)
 
     def close(self) -> None:
         pass
@@ -133,11 +154,14 @@ class ES256Floor(Bench):
         self.key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + x + y)
         self.algorithm = ec.ECDSA(hashes.SHA256())
 
-    def execute(self, work: None) -> int:
+    def prepare(self) -> range:
+        return range(self.n)
+
+    def execute(self, work: range) -> int:
         one = self.execute_one
-        for _ in range(self.n):
+        for _ in work:
             one()
-        return self.n
+        return len(work)
 
     def execute_one(self) -> None:
         segment = self.signature
@@ -269,6 +293,7 @@ class ASGIBench(Bench):
     """
 
     wall_key = "wall_us"
+    sliceable = False  # a slice would not keep 64 requests in flight
 
     def __init__(
         self, name: str, client: Client, n: int, concurrency: int, settings: dict[str, Any]
@@ -364,15 +389,34 @@ def build(plan: Plan, client: Client, redis_url: str, prefix: str, groups: set[s
     return benches
 
 
+#: Slices per timed round (see the module docstring).
+SLICES = 8
+
+
 def run_interleaved(
-    benches: list[Bench], rounds: int, progress: Callable[[str], None]
+    benches: list[Bench], rounds: int, progress: Callable[[str], None], slices: int = SLICES
 ) -> dict[str, dict[str, Samples]]:
-    """One warm-up round of each bench, then ``rounds`` timed rounds, interleaved."""
+    """One warm-up round of each bench, then ``rounds`` timed rounds, interleaved slice by slice."""
     for bench in benches:
         bench.round(record=False)
     for index in range(rounds):
         progress(f"in-process round {index + 1}/{rounds}")
         order = benches if index % 2 == 0 else benches[::-1]
-        for bench in order:
-            bench.round()
+        parts = [bench.slices(bench.prepare(), slices) for bench in order]
+        wall = [0.0] * len(order)
+        cpu = [0.0] * len(order)
+        ops = [0] * len(order)
+        gc.collect()
+        for part in range(slices):
+            for i, bench in enumerate(order):
+                work = parts[i][part]
+                if work is None:
+                    continue
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                ops[i] += bench.execute(work)
+                wall[i] += time.perf_counter() - wall0
+                cpu[i] += time.process_time() - cpu0
+        for i, bench in enumerate(order):
+            bench.check_failures()
+            bench.record(wall[i] / ops[i] * 1e6, cpu[i] / ops[i] * 1e6)
     return {bench.name: bench.samples for bench in benches}
