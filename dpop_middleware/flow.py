@@ -161,16 +161,16 @@ class Engine:
                     ) from None
             if pending is None:
                 return _PASS
-            first = True
             if pending.replay_key is not None:
                 try:
                     first = store.add(pending.replay_key, pending.ttl)
                 except ReplayStoreError as exc:
                     raise _store_down(exc) from exc
-            result = self.verifier.finish(pending, first)
+                if not first:
+                    self.verifier.finish(pending, first)  # raises: replayed
         except DPoPError as error:
             return self._refuse_sync(request, error)
-        return Outcome(result, None, pending.response_headers)
+        return Outcome(pending.result, None, pending.response_headers)
 
     async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
         try:
@@ -189,16 +189,16 @@ class Engine:
                     ) from None
             if pending is None:
                 return _PASS
-            first = True
             if pending.replay_key is not None:
                 try:
                     first = await store.add(pending.replay_key, pending.ttl)
                 except ReplayStoreError as exc:
                     raise _store_down(exc) from exc
-            result = self.verifier.finish(pending, first)
+                if not first:
+                    self.verifier.finish(pending, first)  # raises: replayed
         except DPoPError as error:
             return await self._refuse_async(request, error)
-        return Outcome(result, None, pending.response_headers)
+        return Outcome(pending.result, None, pending.response_headers)
 
 
 def _store_down(exc: ReplayStoreError) -> ServiceUnavailableError:
