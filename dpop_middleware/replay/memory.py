@@ -3,8 +3,8 @@
 Entries are kept in *generations*: each generation is a dict filled during one ``period`` of
 wall time and remembers the latest expiry it holds, so a whole generation is dropped in O(1) once
 everything in it has expired. Each entry also keeps its own expiry, so answers are exact.
-Keys are the first 16 bytes of the verifier's BLAKE2b-256 replay key (128 bits: collisions are not a
-practical concern), which keeps a live entry well under 200 bytes.
+Keys are the first 16 bytes of the verifier's BLAKE2b-256 replay key (128 bits: collisions are
+not a practical concern), which keeps a live entry well under 200 bytes.
 
 When ``max_entries`` live entries are held, new proofs are refused with
 :class:`~dpop_middleware.errors.ReplayStoreFullError` (a 503): evicting a live entry would let

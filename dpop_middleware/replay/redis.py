@@ -5,9 +5,9 @@ the time window in which that proof would be accepted. When several workers serv
 must share that memory, and Redis is the shared memory. ``SET ... NX PX`` decides and records in a single command, so two workers
 racing on one proof cannot both see "first use" (no read-then-write, no script).
 
-Keys are ``key_prefix`` + the hex of the verifier's 32-byte replay key (BLAKE2b-256 over the key thumbprint
-and ``jti``): uniformly spread over Redis Cluster slots, and ``key_prefix`` may not contain
-``{`` or ``}`` so it can never become a hash tag that pins every key to one slot.
+Keys are ``key_prefix`` + the hex of the verifier's 32-byte replay key (BLAKE2b-256 over the
+key thumbprint and ``jti``): uniformly spread over Redis Cluster slots, and ``key_prefix`` may
+not contain ``{`` or ``}`` so it can never become a hash tag that pins every key to one slot.
 
 Fail closed: every Redis error or timeout becomes :class:`~dpop_middleware.errors.ReplayStoreError`
 (the engine answers 503 with ``Retry-After``). Clients built here make exactly one attempt per
