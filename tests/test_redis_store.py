@@ -403,6 +403,7 @@ class _DribblingProxy:
 
         self.upstream_port = upstream_port
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)  # accept() wakes up to see ``closing``
         self.port = self.listener.getsockname()[1]
         self.threads: list[threading.Thread] = []
         self.closing = False
@@ -417,8 +418,11 @@ class _DribblingProxy:
         while not self.closing:
             try:
                 client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             server = socket.create_connection(("127.0.0.1", self.upstream_port))
             for args in ((client, server, False), (server, client, True)):
                 thread = threading.Thread(target=self._pump, args=args, daemon=True)
@@ -447,9 +451,9 @@ class _DribblingProxy:
 
     def close(self) -> None:
         self.closing = True
-        self.listener.close()
         for thread in self.threads:
             thread.join(5)
+        self.listener.close()
 
 
 def test_sync_store_reads_replies_split_over_many_packets(private_redis: RedisServer) -> None:
