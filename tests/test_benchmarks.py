@@ -68,3 +68,17 @@ def test_quick_run_reports_every_row(tmp_path: Path, redis_url: str) -> None:
         assert isinstance(figure, float) and math.isfinite(figure), name
     for name in ROWS:
         assert name in done.stdout, f"{name} missing from the printed table"
+
+
+def test_overhead_diagnosis_runs() -> None:
+    """``python -m benchmarks.overhead`` (the README cites its figure) runs and passes requests."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overhead", "--n", "50", "--rounds", "1"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "verify stubbed out: best" in done.stdout
