@@ -1,11 +1,16 @@
-"""``python -m benchmarks.overhead``: the Python work of a warm core request, verify stubbed out.
+"""``python -m benchmarks.overhead [--in-context]``: the Python work of a warm core request.
 
-Diagnosis, not a row of the table: the same ``Engine.run_sync`` with the memory store as
-``core_memory_warm``, but the proof key's signature check replaced by one that returns True, so
-what is left is everything the middleware does around the ES256 verify. It runs in a tight loop,
-with nothing evicting its caches between requests; next to a real verify the same work costs
-more (see the README's performance section). Prints the best and the median round, in
-microseconds per request.
+Diagnosis, not a row of the table; the same ``Engine.run_sync`` with the memory store as
+``core_memory_warm``.
+
+* By default the proof key's signature check is replaced by one that returns True, so what is
+  left is everything the middleware does around the ES256 verify, in a tight loop with nothing
+  evicting its caches between requests.
+* ``--in-context`` keeps the real verify, times it inside each request, and alternates slices of
+  requests with slices of the raw verify floor: per round it prints the floor, the request, the
+  verify inside the request and the rest (the Python work next to a real verify).
+
+Times are microseconds per request.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import time
 
 from benchmarks.common import Client
-from benchmarks.inprocess import request_info
+from benchmarks.inprocess import ES256Floor, request_info
 from dpop_middleware.core.keys import ProofKey
 from dpop_middleware.flow import Engine
 from dpop_middleware.replay.memory import MemoryReplayStore
@@ -32,32 +37,61 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
     parser.add_argument("--n", type=int, default=5000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--in-context", action="store_true", help="keep and time the real verify")
     args = parser.parse_args(argv)
 
     client = Client()
     engine = Engine(Settings.from_dict(client.settings()))
     store = MemoryReplayStore()
     parser_ = engine.verifier._proofs
-    header = client.proofs(1)[0].split(".")[0]
-    real = parser_._header(header)
-    stub = ProofKey(real.alg, real.jkt, _always_valid)
-    parser_._header = lambda segment: stub  # type: ignore[method-assign]
+    real = parser_._header(client.proofs(1)[0].split(".")[0])
+    inside = [0.0]
+    clock = time.perf_counter
+
+    def timed_verify(data: bytes, signature: bytes) -> bool:
+        start = clock()
+        valid = real.verify(data, signature)
+        inside[0] += clock() - start
+        return valid
+
+    key = ProofKey(real.alg, real.jkt, timed_verify if args.in_context else _always_valid)
+    parser_._header = lambda segment: key  # type: ignore[method-assign]
+    floor = ES256Floor(client, args.n)
+    slices = 8
 
     per_round = []
     for _ in range(args.rounds):
         work = [request_info(client.token, proof) for proof in client.proofs(args.n)]
+        inside[0] = spent = floor_spent = 0.0
         gc.collect()
-        start = time.perf_counter()
-        for request in work:
-            outcome = engine.run_sync(request, store)
-            if outcome.refusal is not None:
-                print(f"refused: {outcome.refusal.error.reason}", file=sys.stderr)
-                return 1
-        per_round.append((time.perf_counter() - start) / args.n * 1e6)
-    print(
-        f"Python work per warm core request, verify stubbed out: best {min(per_round):.2f} us, "
-        f"median {statistics.median(per_round):.2f} us ({args.rounds} rounds of {args.n})"
-    )
+        for index in range(slices if args.in_context else 1):
+            part = work[args.n * index // slices : args.n * (index + 1) // slices]
+            if args.in_context:
+                start = clock()
+                floor.execute(range(len(part)))
+                floor_spent += clock() - start
+            else:
+                part = work
+            start = clock()
+            for request in part:
+                outcome = engine.run_sync(request, store)
+                if outcome.refusal is not None:
+                    print(f"refused: {outcome.refusal.error.reason}", file=sys.stderr)
+                    return 1
+            spent += clock() - start
+        request_us, verify_us = spent / args.n * 1e6, inside[0] / args.n * 1e6
+        per_round.append(request_us)
+        if args.in_context:
+            floor_us = floor_spent / args.n * 1e6
+            print(
+                f"floor {floor_us:6.1f}  request {request_us:6.1f}  verify inside {verify_us:6.1f}"
+                f"  rest {request_us - verify_us:5.1f}  ratio {request_us / floor_us:.3f}"
+            )
+    if not args.in_context:
+        print(
+            f"Python work per warm core request, verify stubbed out: best {min(per_round):.2f} "
+            f"us, median {statistics.median(per_round):.2f} us ({args.rounds} rounds of {args.n})"
+        )
     return 0
 
 
