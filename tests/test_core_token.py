@@ -111,6 +111,19 @@ def test_a_cached_token_passes_with_any_scheme_case_and_spacing(
         assert answer.status == 200, value
 
 
+def test_only_single_space_authorization_values_are_cached(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """One token in many spacings must not be able to fill the token cache."""
+    token = issuer.token(bound_to=dpop_key)
+    cache = h.engine.verifier._tokens._cache
+    for spaces in range(1, 6):
+        proof = dpop_key.proof("GET", URL, access_token=token)
+        value = "DPoP" + " " * spaces + token
+        assert h.send("GET", URL, [("authorization", value), ("dpop", proof)]).status == 200
+    assert len(cache) == 1
+
+
 def test_token_without_exp(h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey) -> None:
     token = issuer.token(bound_to=dpop_key, claims={"exp": REMOVE})
     expect(h.dpop(dpop_key, token, "GET", URL), "token_exp_missing")

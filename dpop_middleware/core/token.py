@@ -125,7 +125,11 @@ class AccessTokenChecker:
         entry = VerifiedToken(
             name, token, claims, exp, nbf, _bound(claims), ath, keys.version
         )
-        self._cache.put(authorization, entry)
+        if len(authorization) == len(name) + 1 + len(token):
+            # Only the form clients send (one space): otherwise one token in a few thousand
+            # spacings could fill the cache and push out everyone else's entries. Other forms
+            # still pass; they are verified each time.
+            self._cache.put(authorization, entry)
         return entry
 
     def _verify_jwt(
