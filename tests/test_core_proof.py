@@ -147,6 +147,28 @@ def test_infinite_iat_is_not_a_number(
     expect(send_proof(h, token, proof), "iat_missing")
 
 
+BIG_INT = "9" * 5000  # over CPython's 4300-digit int limit: int() raises a plain ValueError
+
+
+def test_header_with_a_huge_number_is_malformed_not_a_crash(h: Harness, token: str) -> None:
+    """The header is parsed before the signature is checked: anyone can send this."""
+    head = b64encode(('{"typ":"dpop+jwt","alg":"ES256","x":' + BIG_INT + "}").encode())
+    proof = f"{head}.{b64encode(b'{}')}.{b64encode(b'sig')}"
+    expect(send_proof(h, token, proof), "proof_malformed")
+
+
+def test_signed_payload_with_a_huge_number_is_malformed_not_a_crash(
+    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock
+) -> None:
+    """Any client can sign such a payload with its own key."""
+    from joserfc import jws
+
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": dpop_key.public_jwk}
+    body = json.dumps({**claims(dpop_key, token, clock), "iat": 0}).replace('"iat": 0', '"iat": ' + BIG_INT)
+    proof = jws.serialize_compact(header, body.encode(), dpop_key.key, algorithms=["ES256"])
+    expect(send_proof(h, token, proof), "proof_malformed")
+
+
 def test_oversized_proof_refused_before_parsing(h: Harness, token: str) -> None:
     expect(send_proof(h, token, "a" * 9000), "proof_too_large")
 

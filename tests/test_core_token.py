@@ -185,6 +185,17 @@ def test_malformed_token(h: Harness, dpop_key: DPoPKey) -> None:
     expect(h.dpop(dpop_key, "opaque-token-value", "GET", URL), "token_malformed")
 
 
+def test_token_header_with_a_huge_number_is_malformed_not_a_crash(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """A number over CPython's 4300-digit int limit makes int() raise a plain ValueError."""
+    from dpop_middleware.core.jose import b64encode
+
+    _, payload, signature = issuer.token(bound_to=dpop_key).split(".")
+    head = b64encode(('{"alg":"ES256","typ":"at+jwt","x":' + "9" * 5000 + "}").encode())
+    expect(h.dpop(dpop_key, f"{head}.{payload}.{signature}", "GET", URL), "token_malformed")
+
+
 @pytest.mark.parametrize(
     ("typ", "strict", "reason"),
     [

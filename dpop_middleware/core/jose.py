@@ -92,7 +92,10 @@ def json_object_from(raw: bytes) -> dict[str, Any]:
             end = -1
         if end != len(text):
             value = _DECODER.decode(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers UnicodeDecodeError and JSONDecodeError, and also the plain
+        # ValueError that int() raises for a number of more than 4300 digits
+        # (sys.set_int_max_str_digits): all of it is a malformed JOSE object, never a 500.
         raise MalformedError("bad JSON") from exc
     if not isinstance(value, dict):
         raise MalformedError("not a JSON object")
