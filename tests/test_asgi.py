@@ -472,6 +472,18 @@ def test_callers_scope_is_not_mutated(
         pytest.param(
             {"path": "/caf\u00e9 x", "raw_path": None}, ("", "/caf%C3%A9%20x"), id="re_encoded"
         ),
+        pytest.param(
+            {"path": "/a\ufffd", "raw_path": b"/a%FF"}, ("", "/a%FF"), id="raw_path_not_utf8"
+        ),
+        pytest.param(
+            {"path": "/a\ufffd", "raw_path": b"/a%EF%BF%BD"}, ("", "/a%EF%BF%BD"), id="raw_replacement_char"
+        ),
+        pytest.param(
+            {"path": "/a\ufffd", "raw_path": b"/b%FF"}, ("", "/a%EF%BF%BD"), id="raw_path_disagrees"
+        ),
+        pytest.param(
+            {"path": "/\u00e9", "raw_path": "/\u00e9".encode()}, ("", "/%C3%A9"), id="raw_path_not_ascii"
+        ),
     ],
 )  # fmt: skip
 def test_request_info_paths(scope: dict[str, Any], expected: tuple[str, str]) -> None:

@@ -150,7 +150,8 @@ def test_duplicate_members_are_refused_at_any_depth(tree: Any, space: str) -> No
     assert accepted is not _has_duplicates(tree), text
 
 
-url_text = st.text(alphabet="aZ09-._~%2Ef/:@!$&'()*+,;=?# é", max_size=30)
+# Hex digits around "%": "%f%42" must not normalise to "%fB" (which a second pass reads as %FB).
+url_text = st.text(alphabet="aZ0149BF-._~%2Ef/:@!$&'()*+,;=?# é", max_size=30)
 
 
 @settings(max_examples=400, deadline=None)

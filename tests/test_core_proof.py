@@ -238,6 +238,28 @@ def test_htu_normalisation(
     assert send_proof(h, token, proof).status == status
 
 
+@pytest.mark.parametrize(
+    ("path", "htu", "reason"),
+    [
+        pytest.param("/%f%42", "/%f%42", None, id="as-sent"),
+        pytest.param("/%f%42", "/%25fB", None, id="stray-percent-is-the-character"),
+        pytest.param("/%f%42", "/%fB", "htu_mismatch", id="not-the-escape-it-makes"),
+        pytest.param("/%2%2%44", "/%2%2D", "htu_mismatch", id="not-the-escape-it-makes-2"),
+    ],
+)
+def test_a_stray_percent_never_combines_with_a_decoded_escape(
+    h: Harness, dpop_key: DPoPKey, token: str, path: str, htu: str, reason: str | None
+) -> None:
+    """Decoding ``%42`` to ``B`` after a stray ``%`` must not make the escape ``%fB``: an htu equal
+    to the request URI skips normalising, so the two ways must agree (RFC 3986 section 2.4)."""
+    proof = dpop_key.proof("GET", API + htu, access_token=token)
+    answer = send_proof(h, token, proof, url=API + path)
+    if reason is None:
+        assert answer.status == 200
+    else:
+        expect(answer, reason)
+
+
 def test_htu_escapes_compare_case_insensitively(
     make_settings: Any, dpop_key: DPoPKey, issuer: TokenIssuer
 ) -> None:

@@ -3,11 +3,12 @@ Host-header rules for htu."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 from conftest import API
-from core_helpers import Harness
+from core_helpers import Answer, Harness, request
 
 from dpop_middleware.testing import DPoPKey, TokenIssuer
 
@@ -311,3 +312,35 @@ def test_underscore_hosts_are_valid_reg_names(
         ("dpop", dpop_key.proof("GET", url, access_token=token)),
     ]
     assert h.send("GET", url, headers).status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "signed"),
+    [
+        pytest.param("x.evil/items", "https://api.examplex.evil/items", id="another-host"),
+        pytest.param(":8443/items", "https://api.example:8443/items", id="another-port"),
+        pytest.param("@evil.example/items", "https://api.example@evil.example/items", id="userinfo"),
+        pytest.param("https://api.example/items", URL, id="absolute-form"),
+        pytest.param("*", "https://api.example*", id="asterisk"),
+    ],
+)
+def test_a_path_without_a_leading_slash_is_refused(
+    make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey, path: str, signed: str
+) -> None:
+    """A server that passes on such a request target as the path (uvicorn does) would have it
+    glued onto the Host: the proof's htu would name another host or port. Also with
+    ``public_url``, where the glue is the same."""
+    token = issuer.token(bound_to=dpop_key)
+    headers = [
+        ("authorization", f"DPoP {token}"),
+        ("dpop", dpop_key.proof("GET", signed, access_token=token)),
+    ]
+    for extra in ({}, {"public_url": API}):
+        h = Harness(make_settings(**extra))
+        info = dataclasses.replace(request("GET", URL, headers), path=path)
+        answer = Answer(h.engine.run_sync(info, h.store))
+        assert (answer.status, answer.error, answer.reason) == (
+            400,
+            "invalid_request",
+            "invalid_path",
+        )

@@ -172,6 +172,16 @@ def test_forwarded_prefix_replaces_the_mount_prefix(
     )
 
 
+def test_forwarded_prefix_without_a_leading_slash_is_refused(
+    serve: Callable[..., Harness], call: Callable[..., Resp]
+) -> None:
+    """``X-Forwarded-Prefix: x.evil`` would be glued onto the host: ``http://testserverx.evil``."""
+    h = serve(client_ip=PROXY, trusted_proxies=[PROXY])
+    resp = call(h, "http://testserverx.evil/me", [("X-Forwarded-Prefix", "x.evil")])
+    assert (resp.status, resp.error) == (400, "invalid_request")
+    assert resp.json()["error_description"] == "The request prefix is not an absolute path"
+
+
 # -- the middleware on a sub-application --------------------------------------------------------
 
 

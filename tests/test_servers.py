@@ -301,3 +301,45 @@ def test_gunicorn_script_name_is_part_of_htu(tmp_path: Path) -> None:
         status, _, body = send(port, "GET", "/api/me", [*mount, *wrong])
         assert status == 401
         assert json.loads(body)["error"] == "invalid_dpop_proof"
+
+
+def raw_request(
+    port: int, target: bytes, headers: list[tuple[str, str]], host: str | None = None
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request with this exact request target (http.client would fix it up)."""
+    lines = [f"{k}: {v}" for k, v in headers]
+    host = host if host is not None else f"127.0.0.1:{port}"
+    head = "\r\n".join([f"Host: {host}", *lines, "Connection: close", "", ""]).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\n" + head)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    status_line, _, rest = b"".join(chunks).partition(b"\r\n")
+    return int(status_line.split(b" ", 2)[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_a_target_without_a_leading_slash_never_names_another_port(
+    server: tuple[str, Server],
+) -> None:
+    """``GET :8443/me`` glued onto ``Host: 127.0.0.1`` would read as ``127.0.0.1:8443/me``: a
+    proof signed for another port of this host must not pass here (RFC 9449 section 4.3 step 9).
+    A server that passes such a target on gets 400 invalid_request from the middleware."""
+    _, srv = server
+    headers = headers_for(DPoPKey.generate(), "http://127.0.0.1:8443/me")
+    status, body = raw_request(srv.port, b":8443/me", headers, host="127.0.0.1")
+    assert status == 400, body
+    if body.startswith(b"{"):
+        assert json.loads(body)["error"] == "invalid_request"
+
+
+def test_a_path_escape_that_is_not_utf8_is_compared_as_sent(server: tuple[str, Server]) -> None:
+    """``/me%FF`` is signed as sent; uvicorn and the werkzeug dev server hand the app the path
+    decoded with U+FFFD, which must not turn into ``%EF%BF%BD``. The app has no such route: 404
+    from the app means the middleware let the request through."""
+    _, srv = server
+    key = DPoPKey.generate()
+    status, body = raw_request(srv.port, b"/me%FF", headers_for(key, srv.url("/me%FF")))
+    assert status == 404, body
+    status, body = raw_request(srv.port, b"/me%FF", headers_for(key, srv.url("/me%EF%BF%BD")))
+    assert status == 401, body

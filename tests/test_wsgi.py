@@ -174,6 +174,15 @@ def test_merged_dpop_header_lines_are_two_proofs(
         pytest.param(
             {"PATH_INFO": "/caf\u00c3\u00a9"}, ("", "/caf%C3%A9"), id="pep3333_latin1_bytes"
         ),
+        pytest.param(
+            {"PATH_INFO": "/a\u00ff", "RAW_URI": "/a%FF"}, ("", "/a%FF"), id="raw_uri_not_utf8"
+        ),
+        pytest.param(
+            # the werkzeug dev server decodes with replacement: U+FFFD as PEP 3333 latin-1
+            {"PATH_INFO": "/a\u00ef\u00bf\u00bd", "REQUEST_URI": "/a%FF"},
+            ("", "/a%FF"),
+            id="request_uri_lossy_decoded",
+        ),
     ],
 )
 def test_request_info_paths(environ: dict[str, Any], expected: tuple[str, str]) -> None:

@@ -39,15 +39,22 @@ _HOST_RE = re.compile(
 _URI_RE = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)"
 )
-_PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+# A percent-escape, or a "%" that starts none (not a valid URI character, RFC 3986 section 2.4).
+_PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})?")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Characters a path may hold as they are (RFC 3986 pchar + "/"), plus "%" for escapes.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 
 
 def _pct(match: re.Match[str]) -> str:
-    char = chr(int(match.group(1), 16))
-    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+    digits = match.group(1)
+    if digits is None:
+        # A stray "%" is the character itself: encoded, so that decoding a neighbouring escape
+        # cannot make a new one ("%f%42" -> "%25fB", not "%fB", which a second pass would read
+        # as "%FB"). This keeps normalisation idempotent, which the verifier relies on.
+        return "%25"
+    char = chr(int(digits, 16))
+    return char if char in _UNRESERVED else "%" + digits.upper()
 
 
 def remove_dot_segments(path: str) -> str:
@@ -178,10 +185,19 @@ def request_htu(
     """The normalised URI this request was sent to, as the client should have put it in ``htu``.
 
     ``host_values`` are the request's ``Host`` header values (found in the credentials pass).
+    A path that does not start with ``/`` (a server passing on ``x.evil/items``, ``:8443/items``
+    or an absolute-form target as the path) would be glued onto the authority and name another
+    host or port: it is refused, never composed.
     """
+    path = request.path
+    if path and path[0] != "/":
+        raise InvalidRequestError(
+            "invalid_path", "The request target is not an absolute path",
+            log_detail=f"path={path[:100]!r}",
+        )  # fmt: skip
     if public_url is not None:
         scheme, authority, prefix = public_url
-        return f"{scheme}://{authority}{normalize_path(prefix + request.path)}"
+        return f"{scheme}://{authority}{normalize_path(prefix + path)}"
 
     scheme = request.scheme.lower()
     if len(host_values) > 1:
@@ -206,6 +222,11 @@ def request_htu(
         if fprefix:
             prefix = _last(fprefix[-1]).rstrip("/")
 
+    if prefix and prefix[0] != "/":
+        raise InvalidRequestError(
+            "invalid_path", "The request prefix is not an absolute path",
+            log_detail=f"prefix={prefix[:100]!r}",
+        )  # fmt: skip
     if scheme not in _DEFAULT_PORTS:
         raise InvalidRequestError("invalid_host", "Unsupported request scheme")
     if host is None and request.server is not None:
@@ -214,7 +235,7 @@ def request_htu(
     if not host:
         raise InvalidRequestError("invalid_host", "The request has no Host header")
     try:
-        return _compose(scheme, host, prefix, request.path)
+        return _compose(scheme, host, prefix, path)
     except ValueError:
         raise InvalidRequestError(
             "invalid_host", "The Host header is not a valid host", log_detail=f"host={host[:100]!r}"

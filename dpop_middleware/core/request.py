@@ -39,13 +39,21 @@ def encoded_path(decoded: bytes, raw: str | None, root: str = "") -> str:
 
     Servers give the decoded path (ASGI ``path``, WSGI ``PATH_INFO``) and sometimes the raw one
     (ASGI ``raw_path``, WSGI ``RAW_URI``/``REQUEST_URI``), which may or may not include the mount
-    prefix ``root``. The raw form is used when it decodes to exactly the same bytes, so that what
-    the client sent (e.g. ``%2F``) is compared as sent; otherwise the decoded path is re-encoded.
+    prefix ``root``. The raw form is used when it is ASCII and decodes to the same path, so that
+    what the client sent (e.g. ``%2F``) is compared as sent; otherwise the decoded path is
+    re-encoded. "The same path" is the same bytes, or, for a server that decoded the path as
+    UTF-8 with replacement (uvicorn, the werkzeug dev server: ``/a%FF`` reaches the app as
+    ``/a\ufffd``), the same text decoded that way: re-encoding that text would give
+    ``/a%EF%BF%BD``, which no honest client signed.
     """
     if raw is not None:
         raw = raw.split("?", 1)[0]
         if root and raw.startswith(root):
             raw = raw[len(root) :]
-        if unquote_to_bytes(raw) == decoded:
-            return raw
+        if raw.isascii():
+            sent = unquote_to_bytes(raw)
+            if sent == decoded or (
+                sent.decode("utf-8", "replace") == decoded.decode("utf-8", "replace")
+            ):
+                return raw
     return quote(decoded, safe=_PATH_SAFE)
