@@ -185,6 +185,34 @@ def test_malformed_token(h: Harness, dpop_key: DPoPKey) -> None:
     expect(h.dpop(dpop_key, "opaque-token-value", "GET", URL), "token_malformed")
 
 
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"exp": float("nan")}, "token_exp_missing", id="exp-nan-never-expires"),
+        pytest.param({"exp": float("inf")}, "token_exp_missing", id="exp-infinite"),
+        pytest.param({"exp": 10**400}, "token_exp_missing", id="exp-beyond-any-float"),
+        pytest.param({"exp": "2000000000"}, "token_exp_missing", id="exp-string"),
+        pytest.param({"nbf": float("nan")}, "token_malformed", id="nbf-nan"),
+        pytest.param({"nbf": -(10**400)}, "token_malformed", id="nbf-beyond-any-float"),
+        pytest.param({"aud": [["https://api.example"]]}, "audience_mismatch", id="aud-nested-list"),
+        pytest.param({"aud": [{"a": 1}]}, "audience_mismatch", id="aud-object-member"),
+    ],
+)
+def test_signed_tokens_with_odd_claims_are_refused_not_crashed(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, claims: dict[str, Any], reason: str
+) -> None:
+    """Signed by the issuer, so only an issuer bug sends these; still a refusal, never a 500, and
+    an ``exp`` of NaN (false in every comparison) is no exp at all (RFC 7519: NumericDate)."""
+    token = issuer.token(bound_to=dpop_key, claims=claims)
+    expect(h.dpop(dpop_key, token, "GET", URL), reason)
+
+
+def test_an_audience_list_with_odd_members_still_finds_ours(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    token = issuer.token(bound_to=dpop_key, claims={"aud": [["x"], {"y": 1}, "https://api.example"]})
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200
+
 def test_token_header_with_a_huge_number_is_malformed_not_a_crash(
     h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
 ) -> None:

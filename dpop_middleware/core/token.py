@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -191,29 +192,44 @@ class AccessTokenChecker:
         if claims.get("iss") != self._issuer:
             raise _invalid("issuer_mismatch", "The access token issuer is not accepted", scheme)
         aud = claims.get("aud")
-        auds = {aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else set()
-        if not self._audience & {a for a in auds if isinstance(a, str)}:
+        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if not any(isinstance(a, str) and a in self._audience for a in auds):
             raise _invalid("audience_mismatch", "The access token audience is not accepted", scheme)
         return claims
 
     def _check_times(
         self, claims: Mapping[str, Any], now: float, scheme: Scheme, *, required: bool
     ) -> tuple[float | None, float | None]:
-        """Check ``exp`` and ``nbf`` (RFC 7519 sections 4.1.4, 4.1.5); return them."""
-        exp = claims.get("exp")
-        if exp is None and not required:
-            pass
-        elif isinstance(exp, bool) or not isinstance(exp, int | float):
-            raise _invalid("token_exp_missing", "The access token has no valid exp", scheme)
+        """Check ``exp`` and ``nbf`` (RFC 7519 sections 4.1.4, 4.1.5); return them as floats.
+
+        NumericDate is a finite number: ``NaN`` would compare false with every time (a token that
+        never expires), and an integer past the float range would overflow the comparison.
+        """
+        exp = _numeric_date(claims.get("exp"))
+        if exp is None:
+            if required or claims.get("exp") is not None:
+                raise _invalid("token_exp_missing", "The access token has no valid exp", scheme)
         elif now >= exp + self._leeway:
             raise _invalid("token_expired", "The access token has expired", scheme)
-        nbf = claims.get("nbf")
-        if nbf is not None:
-            if isinstance(nbf, bool) or not isinstance(nbf, int | float):
+        nbf = _numeric_date(claims.get("nbf"))
+        if nbf is None:
+            if claims.get("nbf") is not None:
                 raise _invalid("token_malformed", "The access token nbf is not a number", scheme)
-            if nbf > now + self._leeway:
-                raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
+        elif nbf > now + self._leeway:
+            raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
         return exp, nbf
+
+
+def _numeric_date(value: Any) -> float | None:
+    """A JSON NumericDate as a finite float, or None (absent, not a number, NaN, infinite, or
+    beyond the float range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _bound(claims: Mapping[str, Any]) -> bytes | None:
