@@ -165,6 +165,35 @@ def test_query_token_alone_is_not_accepted(h: Harness, issuer: TokenIssuer) -> N
 
 
 @pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param("access%5Ftoken=x", id="name-percent-encoded"),
+        pytest.param("a=1&access%5ftoken=x", id="second-name-lower-hex"),
+        pytest.param("access+token=x&access_token=y", id="plus-and-plain"),
+    ],
+)
+def test_query_token_by_any_spelling_of_its_name(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, query: str
+) -> None:
+    """RFC 6750 section 2.3: the application reads the query form-decoded, so ``access%5Ftoken``
+    is ``access_token`` and the token came two ways (section 2: only one method per request)."""
+    token = issuer.token(bound_to=dpop_key)
+    answer = h.send("GET", URL + "?" + query, authed(dpop_key, token))
+    assert (answer.status, answer.error, answer.reason) == (
+        400,
+        "invalid_request",
+        "multiple_auth_methods",
+    )
+
+
+def test_a_query_with_escapes_but_no_token_passes(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    token = issuer.token(bound_to=dpop_key)
+    assert h.send("GET", URL + "?q=a%20b&access=1", authed(dpop_key, token)).status == 200
+
+
+@pytest.mark.parametrize(
     "value",
     [
         pytest.param("DPoP", id="no-token"),

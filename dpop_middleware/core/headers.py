@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import NamedTuple
+from urllib.parse import unquote_plus
 
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.errors import (
@@ -116,9 +117,13 @@ def _classify(value: str) -> tuple[str, str]:
 
 
 def _query_has_token(query: str) -> bool:
-    if "access_token" not in query:
+    """An ``access_token`` parameter (RFC 6750 section 2.3), its name compared as the
+    application will read it: form-decoded (``access%5Ftoken`` is the same name)."""
+    if "access_token" not in query and "%" not in query:
         return False
-    return any(part.split("=", 1)[0] == "access_token" for part in query.split("&"))
+    return any(
+        unquote_plus(part.split("=", 1)[0]) == "access_token" for part in query.split("&")
+    )
 
 
 def _quote(value: str) -> str:
