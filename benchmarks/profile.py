@@ -3,7 +3,7 @@
 ``asgi`` is the ASGI middleware with the async Redis store under 64 concurrent requests,
 ``core`` the core warm path with the memory store, ``core-redis`` the core with the sync Redis
 store; the same setup as their benchmark rows, after one warm-up round. ``--tool pyinstrument``
-(the default when it is installed: ``pip install pyinstrument``, not a project dependency) prints
+(the default when it is installed, as it is by the ``dev`` extra) prints
 its call tree; ``--tool cprofile`` prints the functions with the most own time.
 """
 
