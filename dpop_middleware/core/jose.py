@@ -92,6 +92,8 @@ def json_object_from(raw: bytes) -> dict[str, Any]:
             end = -1
         if end != len(text):
             value = _DECODER.decode(text)
+    except MalformedError:
+        raise  # the duplicate hook's own (a ValueError too), kept as it is
     except (ValueError, RecursionError) as exc:
         # ValueError covers UnicodeDecodeError and JSONDecodeError, and also the plain
         # ValueError that int() raises for a number of more than 4300 digits
