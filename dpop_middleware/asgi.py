@@ -58,6 +58,7 @@ def request_info(scope: Scope) -> RequestInfo:
         query_string=scope.get("query_string", b"").decode("latin-1"),
         client_ip=client[0] if client else None,
         server=(server[0], server[1]) if server else None,
+        route_path=path or "/",  # what the application's router matches (Starlette: ``path``)
     )
 
 

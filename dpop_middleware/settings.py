@@ -31,6 +31,8 @@ DEFAULT_ACCESS_TOKEN_ALGORITHMS: tuple[str, ...] = SUPPORTED_ALGORITHMS
 
 Mode = Literal["dpop", "dpop_or_bearer", "report_only"]
 MODES: tuple[str, ...] = ("dpop", "dpop_or_bearer", "report_only")
+Preflight = Literal["verify", "pass"]
+PREFLIGHT: tuple[str, ...] = ("verify", "pass")
 
 TokenVerifier = Callable[[str], Mapping[str, Any]]
 RefusalHook = Callable[[str, Mapping[str, Any]], Any]
@@ -83,6 +85,8 @@ class Settings:
     nonce: NonceSettings | None = None
     mode: Mode = "dpop"
     exclude_paths: tuple[str, ...] = ()
+    cors_preflight: Preflight = "verify"
+    max_path_length: int = 8192
     public_url: PublicURL | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     on_refusal: RefusalHook | None = None
@@ -201,12 +205,22 @@ def _public_url(value: Any) -> PublicURL | None:
 
 
 def _paths(key: str, value: Any) -> tuple[str, ...]:
-    allowed = "a list of paths starting with '/'"
+    """Path prefixes, as the application routes them (decoded, no dot-segments)."""
+    # Local import: core.paths imports nothing from settings, so this cannot cycle.
+    from dpop_middleware.core.paths import has_dot_segment
+
+    allowed = "a list of decoded paths starting with '/', without '.' or '..' segments"
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise _fail(key, value, allowed)
     out = []
     for path in value:
-        if not isinstance(path, str) or not path.startswith("/") or "?" in path or "#" in path:
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or "?" in path
+            or "#" in path
+            or has_dot_segment(path)
+        ):
             raise _fail(key, value, allowed)
         out.append(path.rstrip("/") or "/")
     return tuple(out)
@@ -306,6 +320,14 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     mode = raw.get("mode", "dpop")
     if mode not in MODES:
         raise _fail("mode", mode, ", ".join(repr(m) for m in MODES))
+    preflight = raw.get("cors_preflight", "verify")
+    if preflight not in PREFLIGHT:
+        raise _fail(
+            "cors_preflight",
+            preflight,
+            "'verify' (a preflight is checked like any request) or 'pass' (the app answers "
+            "preflights itself, without running a protected handler)",
+        )
 
     proxies = raw.get("trusted_proxies", ())
     if isinstance(proxies, str) or not isinstance(proxies, Sequence):
@@ -362,6 +384,8 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         nonce=_nonce(raw.get("nonce"), audience, issuer),
         mode=mode,
         exclude_paths=_paths("exclude_paths", raw.get("exclude_paths", ())),
+        cors_preflight=preflight,
+        max_path_length=_integer(raw, "max_path_length", 8192, low=256, high=65536),
         public_url=_public_url(raw.get("public_url")),
         trusted_proxies=tuple(networks),
         on_refusal=on_refusal,

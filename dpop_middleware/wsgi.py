@@ -39,15 +39,19 @@ def request_info(environ: Environ) -> RequestInfo:
     )
     root = environ.get("SCRIPT_NAME", "")
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    path = environ.get("PATH_INFO", "").encode("latin-1")
     return RequestInfo(
         method=environ.get("REQUEST_METHOD", "GET"),
         scheme=environ.get("wsgi.url_scheme", "http"),
-        path=encoded_path(environ.get("PATH_INFO", "").encode("latin-1"), raw, root),
+        path=encoded_path(path, raw, root),
         root_path=encoded_path(root.encode("latin-1"), None),
         headers=headers,
         query_string=environ.get("QUERY_STRING", ""),
         client_ip=environ.get("REMOTE_ADDR"),
         server=(environ.get("SERVER_NAME", ""), _port(environ.get("SERVER_PORT"))),
+        # What the application's router matches: PATH_INFO as text (werkzeug and Django decode
+        # it as UTF-8 the same way).
+        route_path=path.decode("utf-8", "replace") or "/",
     )
 
 

@@ -391,10 +391,10 @@ def test_htu_mismatch_log_shows_expected_and_received_but_the_response_does_not(
 # -- what passes through ------------------------------------------------------------------------
 
 
-def test_excluded_path_and_preflight_reach_the_app_without_credentials(
+def test_excluded_path_and_passed_preflight_reach_the_app_without_credentials(
     serve: Callable[..., Harness], settings: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    h = serve(settings())
+    h = serve(settings(cors_preflight="pass"))
     with caplog.at_level(logging.WARNING, logger="dpop_middleware"):
         health = h.get("/health")
         preflight = h.request(
@@ -408,6 +408,17 @@ def test_excluded_path_and_preflight_reach_the_app_without_credentials(
     assert preflight.one("x-app") == "preflight"
     assert not preflight.has("www-authenticate")
     assert refusal_log(caplog) == []
+
+
+def test_preflight_is_verified_by_default(serve: Callable[..., Harness], settings: Any) -> None:
+    h = serve(settings())
+    preflight = h.request(
+        "OPTIONS",
+        "/me",
+        [("Origin", "https://app.example"), ("Access-Control-Request-Method", "GET")],
+    )
+    assert_refused(preflight, 401, None)
+    assert not preflight.has("x-app")
 
 
 def test_exclusion_is_by_whole_segments(serve: Callable[..., Harness], settings: Any) -> None:

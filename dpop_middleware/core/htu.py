@@ -23,7 +23,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 from urllib.parse import quote
 
 from dpop_middleware.core.request import RequestInfo
@@ -58,37 +59,51 @@ def _pct(match: re.Match[str]) -> str:
 
 
 def remove_dot_segments(path: str) -> str:
-    """RFC 3986 section 5.2.4."""
+    """RFC 3986 section 5.2.4 for an absolute path, in one pass over its segments.
+
+    (The RFC's loop copies the rest of the string at every segment: quadratic in the path.)
+    Same results: a ``.`` or ``..`` last segment leaves a trailing slash, and ``..`` above the
+    root stays at the root. Every path here is empty or starts with ``/`` (a request path that
+    does not is refused, and a URI's path follows its authority); ValueError for any other.
+    """
+    if "." not in path:
+        return path
+    if path[0] != "/":
+        raise ValueError("not an absolute path")
+    segments = path.split("/")
     out: list[str] = []
-    while path:
-        if path.startswith("../"):
-            path = path[3:]
-        elif path.startswith("./") or path.startswith("/./"):
-            path = path[2:]
-        elif path == "/.":
-            path = "/"
-        elif path.startswith("/../"):
-            path = path[3:]
+    for segment in segments[1:]:  # segments[0] is the empty string before the leading "/"
+        if segment == "..":
             if out:
                 out.pop()
-        elif path == "/..":
-            path = "/"
-            if out:
-                out.pop()
-        elif path in (".", ".."):
-            path = ""
-        else:
-            start = 1 if path.startswith("/") else 0
-            end = path.find("/", start)
-            end = len(path) if end == -1 else end
-            out.append(path[:end])
-            path = path[end:]
-    return "".join(out)
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")
+    return "/" + "/".join(out)
 
 
 # Normalisation is a pure function of its string input and the same few URIs come back on every
-# request, so results are memoised (bounded, thread-safe): this takes it off the hot path.
-_memo = functools.lru_cache(maxsize=4096)
+# request, so results are memoised (bounded, thread-safe): this takes it off the hot path. Only
+# short inputs are memoised, so the memo holds at most _MEMO_SIZE * _MEMO_CHARS characters of
+# input (and about as much output) however long the paths an attacker sends: longer inputs are
+# worked out each time (linear in their length).
+_MEMO_SIZE = 4096
+_MEMO_CHARS = 512
+_F = TypeVar("_F", bound=Callable[..., str])
+
+
+def _memo(function: _F) -> _F:
+    cached = functools.lru_cache(maxsize=_MEMO_SIZE)(function)
+
+    @functools.wraps(function)
+    def call(*args: str) -> str:
+        if sum(map(len, args)) <= _MEMO_CHARS:
+            return cached(*args)
+        return function(*args)
+
+    call.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    return cast(_F, call)
 
 
 @_memo

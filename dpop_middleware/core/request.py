@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,7 +13,11 @@ class RequestInfo:
     ``headers`` keeps every header line as sent (names lower-cased), duplicates included: RFC 9449
     section 4.3 requires refusing two ``DPoP`` headers, so nothing may collapse them.
     ``path`` is the path below the mount point and ``root_path`` the mount point, both in their
-    percent-encoded form where the server gives it (ASGI ``raw_path``, WSGI ``RAW_URI``).
+    percent-encoded form where the server gives it (ASGI ``raw_path``, WSGI ``RAW_URI``): the
+    request URI (``htu``) is built from them. ``route_path`` is the decoded path below the mount
+    point exactly as the application routes on it (ASGI ``path``, WSGI ``PATH_INFO``): path rules
+    (``exclude_paths``, ``nonce.required``) match on it, so the middleware judges the request the
+    application will act on. When not given it is ``path`` percent-decoded.
     """
 
     method: str
@@ -24,6 +28,11 @@ class RequestInfo:
     query_string: str = ""
     client_ip: str | None = None
     server: tuple[str, int | None] | None = None
+    route_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.route_path:
+            object.__setattr__(self, "route_path", unquote(self.path, errors="replace") or "/")
 
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name`` (lower-case), in order."""

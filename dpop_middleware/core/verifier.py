@@ -23,9 +23,10 @@ from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 from dpop_middleware.core import headers as hdr
-from dpop_middleware.core.htu import check_htu, normalize_path, request_htu
+from dpop_middleware.core.htu import check_htu, request_htu
 from dpop_middleware.core.keys import IssuerKeys
 from dpop_middleware.core.nonce import NonceIssuer
+from dpop_middleware.core.paths import check_path, under
 from dpop_middleware.core.proof import Proof, ProofParser, check_ath, check_iat
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.token import (
@@ -98,12 +99,6 @@ class Refusal:
     error: DPoPError
 
 
-def _under(path: str, prefixes: tuple[str, ...]) -> bool:
-    """``path`` is one of ``prefixes`` or below one, by whole segments, after normalisation."""
-    normal = normalize_path(path)
-    return any(normal == p or normal.startswith(p.rstrip("/") + "/") for p in prefixes)
-
-
 class Verifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -123,6 +118,8 @@ class Verifier:
         self._bearer = settings.mode == "dpop_or_bearer"
         self._ttl = settings.replay_ttl
         self._excluded = bool(settings.exclude_paths)
+        self._pass_preflight = settings.cors_preflight == "pass"
+        self._max_path = settings.max_path_length
 
     @property
     def keys(self) -> IssuerKeys | None:
@@ -135,28 +132,36 @@ class Verifier:
     # -- which requests ------------------------------------------------------------------------
 
     def is_protected(self, request: RequestInfo) -> bool:
-        """False for a CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``, which
-        browsers send without credentials) and for ``exclude_paths`` (matched on the normalised
-        path at segment boundaries, so ``/health/../admin`` or ``/healthx`` is not excluded by
-        ``/health``). Any other ``OPTIONS`` request is checked like every method.
+        """False for ``exclude_paths`` (matched on the path the application routes on, by whole
+        segments: ``/healthx`` is not excluded by ``/health``; :mod:`paths`), and for a CORS
+        preflight (``OPTIONS`` with ``Access-Control-Request-Method``) only with
+        ``cors_preflight="pass"``: any client can send that header, so by default a preflight is
+        checked like every request and never reaches a protected handler unauthenticated.
         """
-        if request.method == "OPTIONS" and request.header_values("access-control-request-method"):
+        if (
+            self._pass_preflight
+            and request.method == "OPTIONS"
+            and request.header_values("access-control-request-method")
+        ):
             return False
         excluded = self.settings.exclude_paths
-        return not (excluded and _under(request.path, excluded))
+        return not (excluded and under(request.route_path, excluded))
 
-    def _nonce_required(self, path: str) -> bool:
+    def _nonce_required(self, request: RequestInfo) -> bool:
         nonce = self.settings.nonce
         if nonce is None or nonce.required is False:
             return False
         if nonce.required is True:
             return True
-        return _under(path, nonce.required)
+        # RFC 9449 section 11.3, on the path the application routes on (``/api%2Fx`` is /api/x).
+        return under(request.route_path, nonce.required)
 
     # -- the checks ----------------------------------------------------------------------------
 
     def check(self, request: RequestInfo) -> Pending | None:
-        if (request.method == "OPTIONS" or self._excluded) and not self.is_protected(request):
+        # Every request, excluded or not: a path we would judge differently from the app is refused.
+        check_path(request.path, request.route_path, self._max_path)
+        if (self._pass_preflight or self._excluded) and not self.is_protected(request):
             return None
         settings = self.settings
         now = self._clock()
@@ -220,7 +225,7 @@ class Verifier:
             if nonces.is_current(proof.nonce, now):
                 return ()
             return (("dpop-nonce", nonces.current(now)), NO_STORE)
-        if self._nonce_required(request.path):
+        if self._nonce_required(request):
             raise UseDPoPNonceError("nonce_missing", "Resource server requires nonce in DPoP proof")
         try:
             check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
