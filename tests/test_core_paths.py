@@ -246,3 +246,48 @@ def test_preflight_passes_when_configured(make_settings: Any) -> None:
 def test_path_settings_are_validated(make_settings: Any, raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigurationError, match=repr(key)):
         Settings.from_dict(make_settings(**raw))
+
+
+# -- item 5: every cache is bounded by bytes or by entry size ----------------------------------
+
+
+def test_lru_byte_budget_evicts_oldest() -> None:
+    from dpop_middleware.core.keys import LRU
+
+    lru: LRU[str, int] = LRU(100, max_bytes=1000)
+    for i in range(10):
+        lru.put(f"k{i}", i, 300)
+    assert len(lru) == 3 and lru.bytes == 900
+    assert lru.get("k9") == 9 and lru.get("k6") is None
+    lru.put("huge", 1, 1001)  # larger than the whole budget: never kept
+    assert lru.get("huge") is None and lru.bytes == 900
+
+
+def test_token_cache_is_bounded_by_bytes(
+    make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large tokens: far fewer than token_cache_size entries are kept (a 1 MiB budget here, so
+    the test stays small; the default is TOKEN_CACHE_MAX_BYTES)."""
+    from dpop_middleware.core import token as token_module
+
+    monkeypatch.setattr(token_module, "TOKEN_CACHE_MAX_BYTES", 1 << 20)
+    h = Harness(make_settings(token_cache_size=1_000_000))
+    cache = h.engine.verifier._tokens._cache
+    filler = "x" * 10_000
+    for _ in range(60):
+        token = issuer.token(bound_to=dpop_key, claims={"filler": filler})
+        assert h.dpop(dpop_key, token, "GET", API + "/items").status == 200
+    assert 0 < cache.bytes <= 1 << 20
+    assert 0 < len(cache) < 60
+
+
+def test_large_proof_headers_are_not_cached(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """A header with a huge (ignored) member passes, but is checked each time, not kept."""
+    proofs = h.engine.verifier._proofs
+    token = issuer.token(bound_to=dpop_key)
+    before = proofs._header.cache_info().currsize  # type: ignore[attr-defined]
+    answer = h.dpop(dpop_key, token, "GET", API + "/items", header={"kid": "y" * 3000})
+    assert answer.status == 200
+    assert proofs._header.cache_info().currsize == before  # type: ignore[attr-defined]

@@ -38,13 +38,18 @@ class UnusableKeyError(ValueError):
 
 
 class LRU(Generic[K, V]):
-    """A small bounded LRU map (not thread-safe by itself; races only cost a recomputation)."""
+    """A small LRU map bounded by entries and, optionally, by bytes (each ``put`` says what its
+    entry costs). Not thread-safe by itself; races only cost a recomputation (or, for the byte
+    count, a drift of one entry's cost, corrected as entries leave)."""
 
-    __slots__ = ("_data", "_size")
+    __slots__ = ("_bytes", "_costs", "_data", "_max_bytes", "_size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, max_bytes: int | None = None) -> None:
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._data: OrderedDict[K, V] = OrderedDict()
+        self._costs: dict[K, int] = {}
 
     def get(self, key: K) -> V | None:
         data = self._data
@@ -57,17 +62,27 @@ class LRU(Generic[K, V]):
                 pass
         return value
 
-    def put(self, key: K, value: V) -> None:
-        if self._size <= 0:
+    def put(self, key: K, value: V, cost: int = 0) -> None:
+        if self._size <= 0 or (self._max_bytes is not None and cost > self._max_bytes):
             return
         data = self._data
+        costs = self._costs
+        self._bytes += cost - costs.get(key, 0)
+        costs[key] = cost
         data[key] = value
         data.move_to_end(key)
-        while len(data) > self._size:
+        max_bytes = self._max_bytes
+        while len(data) > self._size or (max_bytes is not None and self._bytes > max_bytes):
             try:
-                data.popitem(last=False)
+                old, _ = data.popitem(last=False)
             except KeyError:
                 break
+            self._bytes -= costs.pop(old, 0)
+
+    @property
+    def bytes(self) -> int:
+        """The summed cost of the entries held."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._data)

@@ -28,6 +28,7 @@ from dpop_middleware.core.keys import (
 from dpop_middleware.errors import InvalidDPoPProofError
 
 _TYPES = frozenset({"dpop+jwt", "application/dpop+jwt"})
+_MAX_CACHED_HEADER = 2048
 
 
 class Proof(NamedTuple):
@@ -110,7 +111,13 @@ class ProofParser:
             signature = b64decode(sig_seg)
         except MalformedError:
             raise _bad("proof_malformed", "DPoP proof is not a well-formed JWT") from None
-        key = self._header(header_seg)
+        # Headers of ordinary keys are a few hundred characters; longer ones (an RSA key near the
+        # size limit) are checked each time, so the cache holds at most
+        # cache_size * _MAX_CACHED_HEADER characters however large the proofs an attacker signs.
+        if len(header_seg) <= _MAX_CACHED_HEADER:
+            key = self._header(header_seg)
+        else:
+            key = self._check_header(header_seg)
         # Step 6: the signature verifies with the jwk header.
         if not key.verify(f"{header_seg}.{payload_seg}".encode("ascii"), signature):
             raise _bad("signature_invalid", "DPoP proof signature is invalid")
