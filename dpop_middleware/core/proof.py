@@ -94,8 +94,13 @@ class ProofParser:
             raise _bad("jwk_private", "DPoP proof jwk contains private key material")
         try:
             return import_proof_key(jwk, alg)
-        except UnusableKeyError:
-            raise _bad("jwk_invalid", "DPoP proof jwk is not a usable key for its alg") from None
+        except UnusableKeyError as exc:
+            # The cause (our own fixed words, never the key) goes to the operator's log line.
+            raise InvalidDPoPProofError(
+                "jwk_invalid",
+                "DPoP proof jwk is not a usable key for its alg",
+                log_detail=f"jwk={str(exc)!r}",
+            ) from None
 
     def parse(self, value: str) -> Proof:
         # Step 2: a single well-formed JWT (size was bounded before we got here): three
