@@ -266,6 +266,71 @@ def test_proof_key_other_than_the_bound_one(
     assert answer.challenge_params()["error_description"] == "Invalid DPoP key binding"
 
 
+# Any cnf makes a token sender-constrained (RFC 7800 section 3.1): one we cannot read, or bound by
+# a method we cannot verify, is refused with either scheme, never taken for an unbound token.
+CNF_FORMS = [
+    pytest.param({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}, "token_binding_unsupported", id="x5t#S256"),
+    pytest.param({"jwk": {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}}, "token_binding_unsupported", id="jwk"),
+    pytest.param({"kid": "key-1"}, "token_binding_unsupported", id="kid"),
+    pytest.param({}, "token_binding_unsupported", id="empty-object"),
+    pytest.param({"jkt": ["a"]}, "token_malformed", id="jkt-list"),
+    pytest.param({"jkt": {"a": "b"}}, "token_malformed", id="jkt-object"),
+    pytest.param({"jkt": ""}, "token_malformed", id="jkt-empty"),
+    pytest.param({"jkt": 5}, "token_malformed", id="jkt-number"),
+    pytest.param({"jkt": None}, "token_malformed", id="jkt-null"),
+    pytest.param("jkt", "token_malformed", id="cnf-string"),
+    pytest.param(["jkt"], "token_malformed", id="cnf-list"),
+    pytest.param(None, "token_malformed", id="cnf-null"),
+    pytest.param(1, "token_malformed", id="cnf-number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cnf", "reason"), CNF_FORMS)
+def test_other_cnf_forms_as_bearer(
+    make_settings: Any, issuer: TokenIssuer, cnf: Any, reason: str
+) -> None:
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    token = issuer.token(claims={"cnf": cnf})
+    answer = h.send("GET", URL, [("authorization", f"Bearer {token}")])
+    expect(answer, reason)
+    assert answer.challenge.startswith('Bearer error="invalid_token"')
+
+
+@pytest.mark.parametrize(("cnf", "reason"), CNF_FORMS)
+def test_other_cnf_forms_as_dpop(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, cnf: Any, reason: str
+) -> None:
+    token = issuer.token(claims={"cnf": cnf})
+    answer = h.dpop(dpop_key, token, "GET", URL)
+    expect(answer, reason)
+    assert answer.challenge.startswith('DPoP error="invalid_token"')
+
+
+@pytest.mark.parametrize(("cnf", "reason"), CNF_FORMS)
+@pytest.mark.parametrize("scheme", ["Bearer", "DPoP"])
+def test_other_cnf_forms_from_a_token_verifier(
+    clock: FrozenClock, dpop_key: DPoPKey, cnf: Any, reason: str, scheme: str
+) -> None:
+    resp = {"active": True, "cnf": cnf, "exp": clock.now + 60}
+    h = Harness({"token_verifier": lambda t: resp, "clock": clock, "mode": "dpop_or_bearer"})
+    if scheme == "DPoP":
+        answer = h.dpop(dpop_key, "opaque", "GET", URL)
+    else:
+        answer = h.send("GET", URL, [("authorization", "Bearer opaque")])
+    expect(answer, reason)
+
+
+def test_jkt_beside_another_confirmation_method_is_checked_as_jkt(
+    make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """cnf.jkt is there: the token is DPoP-bound, so Bearer is a downgrade and DPoP must match."""
+    cnf = {"jkt": dpop_key.jkt, "x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}
+    token = issuer.token(claims={"cnf": cnf})
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    expect(h.send("GET", URL, [("authorization", f"Bearer {token}")]), "downgrade")
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200
+
+
 def test_jwks_key_rotation_empties_the_token_cache(
     make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
 ) -> None:

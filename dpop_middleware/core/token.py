@@ -118,13 +118,13 @@ class AccessTokenChecker:
                     "token_type_mismatch", "The access token is not a DPoP token", scheme
                 )
             exp, nbf = self._check_times(claims, now, scheme, required=False)
-            return VerifiedToken(name, token, claims, exp, nbf, _bound(claims), ath, 0)
+            return VerifiedToken(name, token, claims, exp, nbf, _bound(claims, scheme), ath, 0)
         keys = self.keys
         assert keys is not None
         claims = self._verify_jwt(token, keys, now, scheme)
         exp, nbf = self._check_times(claims, now, scheme, required=True)
         entry = VerifiedToken(
-            name, token, claims, exp, nbf, _bound(claims), ath, keys.version
+            name, token, claims, exp, nbf, _bound(claims, scheme), ath, keys.version
         )
         if len(authorization) == len(name) + 1 + len(token):
             # Only the form clients send (one space): otherwise one token in a few thousand
@@ -232,14 +232,29 @@ def _numeric_date(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _bound(claims: Mapping[str, Any]) -> bytes | None:
-    """The ``cnf.jkt`` the token is bound to (RFC 9449 section 6.1) as bytes, or None."""
-    cnf = claims.get("cnf")
-    if isinstance(cnf, Mapping):
-        jkt = cnf.get("jkt")
-        if isinstance(jkt, str):
-            return jkt.encode("utf-8", "surrogatepass")
-    return None
+def _bound(claims: Mapping[str, Any], scheme: Scheme) -> bytes | None:
+    """The ``cnf.jkt`` the token is bound to (RFC 9449 section 6.1) as bytes, or None for a token
+    without ``cnf``.
+
+    Any ``cnf`` makes the token sender-constrained (RFC 7800 section 3.1): one we cannot read, or
+    bound by another method (``x5t#S256`` of RFC 8705, ``jwk``, ...), is refused, never taken for
+    an unbound Bearer token.
+    """
+    if "cnf" not in claims:
+        return None
+    cnf = claims["cnf"]
+    if not isinstance(cnf, Mapping):
+        raise _invalid("token_malformed", "The access token cnf claim is not an object", scheme)
+    if "jkt" not in cnf:
+        raise _invalid(
+            "token_binding_unsupported",
+            "The access token is bound by a method this server cannot verify",
+            scheme,
+        )
+    jkt = cnf["jkt"]
+    if not isinstance(jkt, str) or not jkt:
+        raise _invalid("token_malformed", "The access token cnf.jkt is malformed", scheme)
+    return jkt.encode("utf-8", "surrogatepass")
 
 
 def check_binding(token: VerifiedToken, key: ProofKey) -> None:
