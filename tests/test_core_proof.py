@@ -170,6 +170,27 @@ def test_signed_payload_with_a_huge_number_is_malformed_not_a_crash(
     expect(send_proof(h, token, proof), "proof_malformed")
 
 
+DEEP = "[" * 2000 + "]" * 2000  # past the JSON decoder's depth, within the 8 KB proof limit
+
+
+def test_header_nested_deep_is_malformed_not_a_crash(h: Harness, token: str) -> None:
+    """RecursionError in the JSON decoder; anyone can send this header."""
+    head = b64encode(('{"typ":"dpop+jwt","alg":"ES256","x":' + DEEP + "}").encode())
+    proof = f"{head}.{b64encode(b'{}')}.{b64encode(b'sig')}"
+    expect(send_proof(h, token, proof), "proof_malformed")
+
+
+def test_signed_payload_nested_deep_is_malformed_not_a_crash(
+    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock
+) -> None:
+    from joserfc import jws
+
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": dpop_key.public_jwk}
+    body = json.dumps(claims(dpop_key, token, clock))[:-1] + ', "x": ' + DEEP + "}"
+    proof = jws.serialize_compact(header, body.encode(), dpop_key.key, algorithms=["ES256"])
+    expect(send_proof(h, token, proof), "proof_malformed")
+
+
 def test_oversized_proof_refused_before_parsing(h: Harness, token: str) -> None:
     expect(send_proof(h, token, "a" * 9000), "proof_too_large")
 

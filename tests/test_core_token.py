@@ -224,6 +224,55 @@ def test_token_header_with_a_huge_number_is_malformed_not_a_crash(
     expect(h.dpop(dpop_key, f"{head}.{payload}.{signature}", "GET", URL), "token_malformed")
 
 
+def _signed_token(issuer: TokenIssuer, body: str, header: dict[str, Any] | None = None) -> str:
+    """A token the issuer signed over exactly ``body`` (json.dumps cannot write these)."""
+    from joserfc import jws
+
+    head = header or {"alg": issuer.alg, "typ": "at+jwt", "kid": issuer.kid}
+    return jws.serialize_compact(head, body.encode(), issuer.key, algorithms=[issuer.alg])
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        pytest.param("[" * 3000 + "]" * 3000, id="arrays-3000-deep"),
+        pytest.param('{"a":' * 2000 + "1" + "}" * 2000, id="objects-2000-deep"),
+    ],
+)
+@pytest.mark.parametrize("scheme", ["DPoP", "Bearer"])
+def test_signed_token_with_claims_nested_deep_is_malformed_not_a_crash(
+    make_settings: Any,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    nested: str,
+    scheme: str,
+) -> None:
+    """Nested past the JSON decoder's depth, within the 16 KB token limit: RecursionError inside
+    joserfc's decode, which must be a refusal, not a 500."""
+    claims = {"iss": issuer.issuer, "aud": API, "exp": clock.now + 60}
+    if scheme == "DPoP":
+        claims["cnf"] = {"jkt": dpop_key.jkt}
+    token = _signed_token(issuer, json.dumps(claims)[:-1] + ', "deep": ' + nested + "}")
+    assert len(token) < 16384
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    if scheme == "DPoP":
+        answer = h.dpop(dpop_key, token, "GET", URL)
+    else:
+        answer = h.send("GET", URL, [("authorization", f"Bearer {token}")])
+    expect(answer, "token_malformed")
+
+
+def test_token_header_nested_deep_is_malformed_not_a_crash(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    from dpop_middleware.core.jose import b64encode
+
+    _, payload, signature = issuer.token(bound_to=dpop_key).split(".")
+    head = b64encode(('{"alg":"ES256","typ":"at+jwt","x":' + "[" * 3000 + "]" * 3000 + "}").encode())
+    expect(h.dpop(dpop_key, f"{head}.{payload}.{signature}", "GET", URL), "token_malformed")
+
+
 @pytest.mark.parametrize(
     ("typ", "strict", "reason"),
     [

@@ -181,7 +181,9 @@ class AccessTokenChecker:
             raise _invalid(
                 "token_signature_invalid", "The access token signature is invalid", scheme
             ) from None
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
+            # RecursionError: claims nested past the JSON decoder's depth (a few thousand
+            # brackets fit in the size limit). Malformed, never a 500.
             raise _invalid(
                 "token_malformed", "The access token is not a valid JWT", scheme
             ) from None
