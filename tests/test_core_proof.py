@@ -180,13 +180,21 @@ def test_header_nested_deep_is_malformed_not_a_crash(h: Harness, token: str) -> 
     expect(send_proof(h, token, proof), "proof_malformed")
 
 
+@pytest.mark.parametrize(
+    "nested",
+    [
+        pytest.param(DEEP, id="arrays-2000-deep"),
+        # The JSON decoder takes these; walking them to freeze the claims does not.
+        pytest.param("[" * 900 + "]" * 900, id="arrays-900-deep"),
+    ],
+)
 def test_signed_payload_nested_deep_is_malformed_not_a_crash(
-    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock
+    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock, nested: str
 ) -> None:
     from joserfc import jws
 
     header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": dpop_key.public_jwk}
-    body = json.dumps(claims(dpop_key, token, clock))[:-1] + ', "x": ' + DEEP + "}"
+    body = json.dumps(claims(dpop_key, token, clock))[:-1] + ', "x": ' + nested + "}"
     proof = jws.serialize_compact(header, body.encode(), dpop_key.key, algorithms=["ES256"])
     expect(send_proof(h, token, proof), "proof_malformed")
 
@@ -420,7 +428,9 @@ def _odd(bits: int) -> int:
         pytest.param(
             "AAAA" + _int_b64(_odd(8192)), "AQAB", "signature_invalid", id="n-8192-leading-zeros"
         ),
-        pytest.param(_int_b64(_odd(2048)), _int_b64(2**32 - 1), "signature_invalid", id="e-2**32-1"),
+        pytest.param(
+            _int_b64(_odd(2048)), _int_b64(2**32 - 1), "signature_invalid", id="e-2**32-1"
+        ),
         pytest.param(_int_b64(_odd(2048)), "AAAD", "signature_invalid", id="e-3-leading-zeros"),
     ],
 )

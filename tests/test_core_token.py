@@ -63,23 +63,105 @@ def test_cached_token_still_checks_nbf(
     expect(h.dpop(dpop_key, token, "GET", URL), "token_not_yet_valid")
 
 
-def test_application_gets_its_own_copy_of_the_claims(
-    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+ROLES = {"realm_access": {"roles": ["reader"]}}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "raises"),
+    [
+        pytest.param(lambda c: c.__setitem__("sub", "mallory"), TypeError, id="set-item"),
+        pytest.param(lambda c: c.__delitem__("cnf"), TypeError, id="del-item"),
+        pytest.param(lambda c: c.pop("cnf"), TypeError, id="pop"),
+        pytest.param(lambda c: c.popitem(), TypeError, id="popitem"),
+        pytest.param(lambda c: c.update(exp=0), TypeError, id="update"),
+        pytest.param(lambda c: c.setdefault("admin", True), TypeError, id="setdefault"),
+        pytest.param(lambda c: c.clear(), TypeError, id="clear"),
+        pytest.param(lambda c: c.__ior__({"admin": True}), TypeError, id="in-place-or"),
+        pytest.param(lambda c: c["cnf"].__setitem__("jkt", "x"), TypeError, id="nested-object"),
+        pytest.param(
+            lambda c: c["realm_access"]["roles"].append("admin"), AttributeError, id="nested-array"
+        ),
+        pytest.param(
+            lambda c: c["realm_access"].__setitem__("roles", ["admin"]), TypeError, id="replace-array"
+        ),
+    ],
+)
+def test_claims_are_deeply_immutable_and_the_same_for_every_request(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, mutate: Any, raises: type[Exception]
 ) -> None:
-    """The verified token is cached; what one request's app does to its claims must not reach
-    the next request (nor the checks: exp and the binding are kept apart from the claims)."""
-    token = issuer.token(bound_to=dpop_key)
+    """The verified token is cached with its claims, frozen once: what one request's app tries
+    on them raises, and the next request with the token gets the very same, unchanged object."""
+    token = issuer.token(bound_to=dpop_key, claims=ROLES)
     first = h.dpop(dpop_key, token, "GET", URL).outcome.result
     assert first is not None
-    sub = first.claims["sub"]
-    first.claims["sub"] = "mallory"  # type: ignore[index]
-    first.claims.pop("cnf")  # type: ignore[attr-defined]
-    first.claims["exp"] = 0  # type: ignore[index]
+    before = json.dumps(first.claims)
+    with pytest.raises(raises):
+        mutate(first.claims)
     second = h.dpop(dpop_key, token, "GET", URL)
     assert second.status == 200
     assert second.outcome.result is not None
-    assert second.outcome.result.claims["sub"] == sub
-    assert second.outcome.result.claims["cnf"] == {"jkt": dpop_key.jkt}
+    claims = second.outcome.result.claims
+    assert claims is first.claims
+    assert json.dumps(claims) == before
+    assert claims["realm_access"]["roles"] == ("reader",)
+    assert claims["cnf"] == {"jkt": dpop_key.jkt}
+
+
+def test_proof_claims_are_deeply_immutable(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    token = issuer.token(bound_to=dpop_key)
+    answer = h.dpop(dpop_key, token, "GET", URL, claims={"extra": {"list": [1, 2]}})
+    assert answer.outcome.result is not None
+    proof_claims = answer.outcome.result.proof_claims
+    with pytest.raises(TypeError):
+        proof_claims["htu"] = "https://elsewhere.example/"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        proof_claims["extra"]["list"] = []
+    assert proof_claims["extra"] == {"list": (1, 2)}
+    assert json.loads(json.dumps(proof_claims))["extra"] == {"list": [1, 2]}
+
+
+def test_a_bearer_result_has_empty_read_only_proof_claims(
+    make_settings: Any, issuer: TokenIssuer
+) -> None:
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    answer = h.send("GET", URL, [("authorization", f"Bearer {issuer.token(claims=ROLES)}")])
+    result = answer.outcome.result
+    assert result is not None
+    assert json.dumps(result.proof_claims) == "{}"
+    with pytest.raises(TypeError):
+        result.proof_claims["htm"] = "GET"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        result.claims["realm_access"]["roles"].append("admin")
+
+
+def test_token_verifier_claims_are_frozen_too(clock: FrozenClock, dpop_key: DPoPKey) -> None:
+    """Frozen from a copy: the verifier's own dict is left alone, and what it does to it later
+    does not reach the cached result either."""
+    resp: dict[str, Any] = {"active": True, "cnf": {"jkt": dpop_key.jkt}, "roles": ["reader"]}
+    h = Harness({"token_verifier": lambda t: resp, "clock": clock})
+    result = h.dpop(dpop_key, "opaque", "GET", URL).outcome.result
+    assert result is not None
+    with pytest.raises(AttributeError):
+        result.claims["roles"].append("admin")
+    with pytest.raises(TypeError):
+        result.claims["cnf"]["jkt"] = "x"
+    resp["roles"].append("admin")
+    assert result.claims["roles"] == ("reader",)
+    assert resp["cnf"] == {"jkt": dpop_key.jkt} and type(resp["cnf"]) is dict
+
+
+def test_token_verifier_claims_too_deep_to_freeze(clock: FrozenClock, dpop_key: DPoPKey) -> None:
+    """A verifier's claims nested past the interpreter's depth (or a cycle): refused, not a 500."""
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    resp: dict[str, Any] = {"active": True, "cnf": {"jkt": dpop_key.jkt}, "x": deep}
+    h = Harness({"token_verifier": lambda t: resp, "clock": clock})
+    expect(h.dpop(dpop_key, "opaque", "GET", URL), "token_malformed")
+    resp["x"] = resp
+    expect(h.dpop(dpop_key, "opaque", "GET", URL), "token_malformed")
 
 
 @pytest.mark.parametrize(
@@ -237,6 +319,8 @@ def _signed_token(issuer: TokenIssuer, body: str, header: dict[str, Any] | None 
     [
         pytest.param("[" * 3000 + "]" * 3000, id="arrays-3000-deep"),
         pytest.param('{"a":' * 2000 + "1" + "}" * 2000, id="objects-2000-deep"),
+        # The JSON decoder takes these; walking them to freeze the claims does not.
+        pytest.param("[" * 900 + "]" * 900, id="arrays-900-deep"),
     ],
 )
 @pytest.mark.parametrize("scheme", ["DPoP", "Bearer"])
@@ -269,7 +353,8 @@ def test_token_header_nested_deep_is_malformed_not_a_crash(
     from dpop_middleware.core.jose import b64encode
 
     _, payload, signature = issuer.token(bound_to=dpop_key).split(".")
-    head = b64encode(('{"alg":"ES256","typ":"at+jwt","x":' + "[" * 3000 + "]" * 3000 + "}").encode())
+    nested = "[" * 3000 + "]" * 3000
+    head = b64encode(('{"alg":"ES256","typ":"at+jwt","x":' + nested + "}").encode())
     expect(h.dpop(dpop_key, f"{head}.{payload}.{signature}", "GET", URL), "token_malformed")
 
 
@@ -317,11 +402,13 @@ def test_proof_key_other_than_the_bound_one(
 
 # Any cnf makes a token sender-constrained (RFC 7800 section 3.1): one we cannot read, or bound by
 # a method we cannot verify, is refused with either scheme, never taken for an unbound token.
+X5T = "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"
+UNSUPPORTED = "token_binding_unsupported"
 CNF_FORMS = [
-    pytest.param({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}, "token_binding_unsupported", id="x5t#S256"),
-    pytest.param({"jwk": {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}}, "token_binding_unsupported", id="jwk"),
-    pytest.param({"kid": "key-1"}, "token_binding_unsupported", id="kid"),
-    pytest.param({}, "token_binding_unsupported", id="empty-object"),
+    pytest.param({"x5t#S256": X5T}, UNSUPPORTED, id="x5t#S256"),
+    pytest.param({"jwk": {"kty": "EC", "crv": "P-256", "x": "AA"}}, UNSUPPORTED, id="jwk"),
+    pytest.param({"kid": "key-1"}, UNSUPPORTED, id="kid"),
+    pytest.param({}, UNSUPPORTED, id="empty-object"),
     pytest.param({"jkt": ["a"]}, "token_malformed", id="jkt-list"),
     pytest.param({"jkt": {"a": "b"}}, "token_malformed", id="jkt-object"),
     pytest.param({"jkt": ""}, "token_malformed", id="jkt-empty"),
@@ -373,7 +460,7 @@ def test_jkt_beside_another_confirmation_method_is_checked_as_jkt(
     make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey
 ) -> None:
     """cnf.jkt is there: the token is DPoP-bound, so Bearer is a downgrade and DPoP must match."""
-    cnf = {"jkt": dpop_key.jkt, "x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}
+    cnf = {"jkt": dpop_key.jkt, "x5t#S256": X5T}
     token = issuer.token(claims={"cnf": cnf})
     h = Harness(make_settings(mode="dpop_or_bearer"))
     expect(h.send("GET", URL, [("authorization", f"Bearer {token}")]), "downgrade")

@@ -6,7 +6,8 @@ A verified JWT is cached (LRU, keyed by the whole ``Authorization`` value) as a
 and what every request needs of them, extracted once (``exp``, ``nbf``, the bound ``cnf.jkt``)
 and the token's ``ath`` value. A cache hit still checks ``exp`` and ``nbf`` against the clock, so
 a cached token is never accepted past its expiry, and a JWK Set change makes every entry stale.
-Applications get a copy of the claims, so nothing they do to it can reach the cache.
+The claims are frozen (:mod:`frozen`) before they are cached: every request with the token gets
+the same deeply immutable object, so nothing an application does can reach the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 from joserfc import jwt
 from joserfc.errors import JoseError
 
+from dpop_middleware.core.frozen import freeze
 from dpop_middleware.core.jose import COMPACT_JWS, MalformedError, b64encode, json_object
 from dpop_middleware.core.keys import LRU, IssuerKeys, JWKSFetchNeeded, ProofKey
 from dpop_middleware.errors import InvalidTokenError, Scheme, ServiceUnavailableError
@@ -108,6 +110,7 @@ class AccessTokenChecker:
             claims = self._custom(token)
             if not isinstance(claims, Mapping):
                 raise TypeError("token_verifier must return a mapping of claims")
+            claims = _frozen(claims, scheme)
             # RFC 7662: an inactive token is no token.
             if "active" in claims and claims["active"] is not True:
                 raise _invalid("token_inactive", "The access token is not active", scheme)
@@ -121,7 +124,7 @@ class AccessTokenChecker:
             return VerifiedToken(name, token, claims, exp, nbf, _bound(claims, scheme), ath, 0)
         keys = self.keys
         assert keys is not None
-        claims = self._verify_jwt(token, keys, now, scheme)
+        claims = _frozen(self._verify_jwt(token, keys, now, scheme), scheme)
         exp, nbf = self._check_times(claims, now, scheme, required=True)
         entry = VerifiedToken(
             name, token, claims, exp, nbf, _bound(claims, scheme), ath, keys.version
@@ -220,6 +223,18 @@ class AccessTokenChecker:
         elif nbf > now + self._leeway:
             raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
         return exp, nbf
+
+
+def _frozen(claims: Mapping[str, Any], scheme: Scheme) -> Mapping[str, Any]:
+    """The claims deeply frozen, once per verified token; token_malformed if they are nested too
+    deep to walk (the JSON decoder's own limit is a little deeper)."""
+    try:
+        frozen: Mapping[str, Any] = freeze(claims)
+    except RecursionError:
+        raise _invalid(
+            "token_malformed", "The access token claims are nested too deep", scheme
+        ) from None
+    return frozen
 
 
 def _numeric_date(value: Any) -> float | None:
