@@ -510,3 +510,68 @@ def test_request_info_scheme_and_method(kind: str, scheme: str, expected: str) -
     assert info.method == ("GET" if kind == "websocket" else "PUT")
     assert info.header_values("dpop") == ["a", "b"]  # duplicates kept, names lower-cased
     assert (info.client_ip, info.server) == ("10.0.0.1", ("h", 8000))
+
+
+# -- the claims: deeply immutable, the same for every request -----------------------------------
+
+ROLES = {"realm_access": {"roles": ["reader"]}}
+
+
+def try_to_change(result: DPoPResult) -> list[str]:
+    """What a careless handler does to the claims; the names of the errors it gets."""
+    errors = []
+    for change in (
+        lambda: result.claims["realm_access"]["roles"].append("admin"),
+        lambda: result.claims.__setitem__("admin", True),
+        lambda: result.claims["realm_access"].update(roles=["admin"]),
+        lambda: result.proof_claims.__setitem__("htm", "POST"),
+    ):
+        try:
+            change()
+        except (TypeError, AttributeError) as exc:
+            errors.append(type(exc).__name__)
+    return errors
+
+
+def immutable_claims_app(settings: dict[str, Any]) -> FastAPI:
+    """FastAPI (its own JSON encoding, with and without a response model) and a Starlette
+    JSONResponse (json.dumps) of the claims, each after a try to change them."""
+    app = FastAPI()
+    app.add_middleware(DPoPMiddleware, settings=settings)
+
+    @app.get("/plain")
+    def plain(dpop: DPoPAuth) -> Any:
+        return {"errors": try_to_change(dpop), "claims": dpop.claims, "proof": dpop.proof_claims}
+
+    @app.get("/model")
+    def model(dpop: DPoPAuth) -> dict[str, Any]:
+        return {"errors": try_to_change(dpop), "claims": dpop.claims, "proof": dpop.proof_claims}
+
+    @app.get("/starlette")
+    def starlette(request: Request) -> JSONResponse:
+        result: DPoPResult = request.scope["dpop"]
+        errors = try_to_change(result)
+        return JSONResponse(
+            {"errors": errors, "claims": result.claims, "proof": result.proof_claims}
+        )
+
+    return app
+
+
+@pytest.mark.parametrize("path", ["/plain", "/model", "/starlette"])
+def test_the_app_cannot_change_the_claims_the_next_request_sees(
+    settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey, path: str
+) -> None:
+    client = TestClient(immutable_claims_app(settings()))
+    token = issuer.token(bound_to=dpop_key, claims=ROLES)
+    for _ in range(2):  # the second request gets the cached token's claims
+        url = "http://testserver" + path
+        headers = dpop_headers(dpop_key, token, "GET", url, iat=issuer.clock())
+        resp = client.get(path, headers=headers)
+        assert resp.status_code == 200
+        body = resp.json()
+        assert body["errors"] == ["AttributeError", "TypeError", "TypeError", "TypeError"]
+        assert body["claims"]["realm_access"] == {"roles": ["reader"]}
+        assert "admin" not in body["claims"]
+        assert body["claims"]["cnf"] == {"jkt": dpop_key.jkt}
+        assert body["proof"]["htm"] == "GET"

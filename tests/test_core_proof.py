@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from core_helpers import Harness
 from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.jwk import RSAKey
 
-from dpop_middleware.core.jose import b64encode
+from dpop_middleware.core.jose import b64decode, b64encode
 from dpop_middleware.testing import REMOVE, DPoPKey, TokenIssuer, sign_compact
 
 URL = API + "/items"
@@ -165,6 +166,35 @@ def test_signed_payload_with_a_huge_number_is_malformed_not_a_crash(
 
     header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": dpop_key.public_jwk}
     body = json.dumps({**claims(dpop_key, token, clock), "iat": 0}).replace('"iat": 0', '"iat": ' + BIG_INT)
+    proof = jws.serialize_compact(header, body.encode(), dpop_key.key, algorithms=["ES256"])
+    expect(send_proof(h, token, proof), "proof_malformed")
+
+
+DEEP = "[" * 2000 + "]" * 2000  # past the JSON decoder's depth, within the 8 KB proof limit
+
+
+def test_header_nested_deep_is_malformed_not_a_crash(h: Harness, token: str) -> None:
+    """RecursionError in the JSON decoder; anyone can send this header."""
+    head = b64encode(('{"typ":"dpop+jwt","alg":"ES256","x":' + DEEP + "}").encode())
+    proof = f"{head}.{b64encode(b'{}')}.{b64encode(b'sig')}"
+    expect(send_proof(h, token, proof), "proof_malformed")
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        pytest.param(DEEP, id="arrays-2000-deep"),
+        # The JSON decoder takes these; walking them to freeze the claims does not.
+        pytest.param("[" * 900 + "]" * 900, id="arrays-900-deep"),
+    ],
+)
+def test_signed_payload_nested_deep_is_malformed_not_a_crash(
+    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock, nested: str
+) -> None:
+    from joserfc import jws
+
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": dpop_key.public_jwk}
+    body = json.dumps(claims(dpop_key, token, clock))[:-1] + ', "x": ' + nested + "}"
     proof = jws.serialize_compact(header, body.encode(), dpop_key.key, algorithms=["ES256"])
     expect(send_proof(h, token, proof), "proof_malformed")
 
@@ -372,6 +402,96 @@ def test_rsa_key_under_2048_bits(
     header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": key.public_jwk}
     proof = sign_compact(header, claims(key, token, clock), small, "RS256")
     expect(send_proof(Harness(make_settings()), token, proof), "jwk_invalid")
+
+
+def _int_b64(value: int) -> str:
+    return b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+def _odd(bits: int) -> int:
+    """An odd number of exactly ``bits`` bits (a modulus-shaped value; nobody has its key)."""
+    return secrets.randbits(bits) | (1 << (bits - 1)) | 1
+
+
+@pytest.mark.parametrize(
+    ("n", "e", "reason"),
+    [
+        pytest.param(_int_b64(_odd(16384)), "AQAB", "jwk_invalid", id="n-16384-bits"),
+        pytest.param(_int_b64(_odd(8193)), "AQAB", "jwk_invalid", id="n-8193-bits"),
+        pytest.param(_int_b64(_odd(3072)), _int_b64(_odd(3071)), "jwk_invalid", id="e-3071-bits"),
+        pytest.param(_int_b64(_odd(2048)), _int_b64(2**32 + 1), "jwk_invalid", id="e-over-2**32"),
+        pytest.param(_int_b64(_odd(2048)), _int_b64(65536), "jwk_invalid", id="e-even"),
+        pytest.param(_int_b64(_odd(2048)), _int_b64(1), "jwk_invalid", id="e-1"),
+        pytest.param(_int_b64(_odd(2047)), "AQAB", "jwk_invalid", id="n-2047-bits"),
+        # At the bounds: the key is usable, only the random signature is wrong.
+        pytest.param(_int_b64(_odd(8192)), "AQAB", "signature_invalid", id="n-8192-bits"),
+        pytest.param(
+            "AAAA" + _int_b64(_odd(8192)), "AQAB", "signature_invalid", id="n-8192-leading-zeros"
+        ),
+        pytest.param(
+            _int_b64(_odd(2048)), _int_b64(2**32 - 1), "signature_invalid", id="e-2**32-1"
+        ),
+        pytest.param(_int_b64(_odd(2048)), "AAAD", "signature_invalid", id="e-3-leading-zeros"),
+    ],
+)
+def test_rsa_proof_key_bounds(
+    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock, n: str, e: str, reason: str
+) -> None:
+    """Anyone can send a huge key with a random signature: refused before any import or signature
+    work (a 16,384-bit ``n`` or a 3,072-bit ``e`` cost milliseconds per signature check)."""
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": {"kty": "RSA", "n": n, "e": e}}
+    proof = raw_jws(header, claims(dpop_key, token, clock), secrets.token_bytes(256))
+    answer = send_proof(h, token, proof)
+    expect(answer, reason)
+    if reason == "jwk_invalid":  # the operator's log line says which bound, never the key
+        assert answer.outcome.refusal.error.log_detail.startswith("jwk='RSA ")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"n": 12345}, id="n-number"),
+        pytest.param({"e": 65537}, id="e-number"),
+        pytest.param({"n": ["AQAB"]}, id="n-list"),
+        pytest.param({"e": None}, id="e-null"),
+        pytest.param({"n": REMOVE}, id="n-missing"),
+        pytest.param({"e": REMOVE}, id="e-missing"),
+        pytest.param({"n": ""}, id="n-empty"),
+        pytest.param({"e": ""}, id="e-empty"),
+        pytest.param({"e": "AQAB="}, id="e-padded"),
+        pytest.param({"e": "AQ AB"}, id="e-space"),
+        pytest.param({"e": "AQ+B"}, id="e-plus"),
+        pytest.param({"e": "A"}, id="e-one-character"),
+        pytest.param({"e": "\u00e9"}, id="e-non-ascii"),
+    ],
+)
+def test_malformed_rsa_jwk_members(
+    h: Harness, dpop_key: DPoPKey, token: str, clock: FrozenClock, change: dict[str, Any]
+) -> None:
+    jwk = {"kty": "RSA", "n": _int_b64(_odd(2048)), "e": "AQAB"}
+    for name, value in change.items():
+        if value is REMOVE:
+            del jwk[name]
+        else:
+            jwk[name] = value
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": jwk}
+    proof = raw_jws(header, claims(dpop_key, token, clock), secrets.token_bytes(256))
+    expect(send_proof(h, token, proof), "jwk_invalid")
+
+
+@pytest.mark.parametrize("member", ["n", "e"])
+def test_rsa_jwk_with_a_leading_zero_octet_passes(
+    make_settings: Any, issuer: TokenIssuer, clock: FrozenClock, member: str
+) -> None:
+    """Leading zero octets do not change the value: the key is usable (its thumbprint is that of
+    the members as sent, RFC 7638 section 3)."""
+    key = DPoPKey.generate("RS256")
+    jwk = key.public_jwk
+    jwk[member] = b64encode(b"\x00" + b64decode(jwk[member]))
+    token = issuer.token(bound_to=RSAKey.import_key(jwk).thumbprint())
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": jwk}
+    proof = sign_compact(header, claims(key, token, clock), key.key, "RS256")
+    assert send_proof(Harness(make_settings()), token, proof).status == 200
 
 
 def test_tampered_payload_fails_signature(h: Harness, dpop_key: DPoPKey, token: str) -> None:

@@ -63,23 +63,105 @@ def test_cached_token_still_checks_nbf(
     expect(h.dpop(dpop_key, token, "GET", URL), "token_not_yet_valid")
 
 
-def test_application_gets_its_own_copy_of_the_claims(
-    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+ROLES = {"realm_access": {"roles": ["reader"]}}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "raises"),
+    [
+        pytest.param(lambda c: c.__setitem__("sub", "mallory"), TypeError, id="set-item"),
+        pytest.param(lambda c: c.__delitem__("cnf"), TypeError, id="del-item"),
+        pytest.param(lambda c: c.pop("cnf"), TypeError, id="pop"),
+        pytest.param(lambda c: c.popitem(), TypeError, id="popitem"),
+        pytest.param(lambda c: c.update(exp=0), TypeError, id="update"),
+        pytest.param(lambda c: c.setdefault("admin", True), TypeError, id="setdefault"),
+        pytest.param(lambda c: c.clear(), TypeError, id="clear"),
+        pytest.param(lambda c: c.__ior__({"admin": True}), TypeError, id="in-place-or"),
+        pytest.param(lambda c: c["cnf"].__setitem__("jkt", "x"), TypeError, id="nested-object"),
+        pytest.param(
+            lambda c: c["realm_access"]["roles"].append("admin"), AttributeError, id="nested-array"
+        ),
+        pytest.param(
+            lambda c: c["realm_access"].__setitem__("roles", ["admin"]), TypeError, id="replace-array"
+        ),
+    ],
+)
+def test_claims_are_deeply_immutable_and_the_same_for_every_request(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, mutate: Any, raises: type[Exception]
 ) -> None:
-    """The verified token is cached; what one request's app does to its claims must not reach
-    the next request (nor the checks: exp and the binding are kept apart from the claims)."""
-    token = issuer.token(bound_to=dpop_key)
+    """The verified token is cached with its claims, frozen once: what one request's app tries
+    on them raises, and the next request with the token gets the very same, unchanged object."""
+    token = issuer.token(bound_to=dpop_key, claims=ROLES)
     first = h.dpop(dpop_key, token, "GET", URL).outcome.result
     assert first is not None
-    sub = first.claims["sub"]
-    first.claims["sub"] = "mallory"  # type: ignore[index]
-    first.claims.pop("cnf")  # type: ignore[attr-defined]
-    first.claims["exp"] = 0  # type: ignore[index]
+    before = json.dumps(first.claims)
+    with pytest.raises(raises):
+        mutate(first.claims)
     second = h.dpop(dpop_key, token, "GET", URL)
     assert second.status == 200
     assert second.outcome.result is not None
-    assert second.outcome.result.claims["sub"] == sub
-    assert second.outcome.result.claims["cnf"] == {"jkt": dpop_key.jkt}
+    claims = second.outcome.result.claims
+    assert claims is first.claims
+    assert json.dumps(claims) == before
+    assert claims["realm_access"]["roles"] == ("reader",)
+    assert claims["cnf"] == {"jkt": dpop_key.jkt}
+
+
+def test_proof_claims_are_deeply_immutable(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    token = issuer.token(bound_to=dpop_key)
+    answer = h.dpop(dpop_key, token, "GET", URL, claims={"extra": {"list": [1, 2]}})
+    assert answer.outcome.result is not None
+    proof_claims = answer.outcome.result.proof_claims
+    with pytest.raises(TypeError):
+        proof_claims["htu"] = "https://elsewhere.example/"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        proof_claims["extra"]["list"] = []
+    assert proof_claims["extra"] == {"list": (1, 2)}
+    assert json.loads(json.dumps(proof_claims))["extra"] == {"list": [1, 2]}
+
+
+def test_a_bearer_result_has_empty_read_only_proof_claims(
+    make_settings: Any, issuer: TokenIssuer
+) -> None:
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    answer = h.send("GET", URL, [("authorization", f"Bearer {issuer.token(claims=ROLES)}")])
+    result = answer.outcome.result
+    assert result is not None
+    assert json.dumps(result.proof_claims) == "{}"
+    with pytest.raises(TypeError):
+        result.proof_claims["htm"] = "GET"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        result.claims["realm_access"]["roles"].append("admin")
+
+
+def test_token_verifier_claims_are_frozen_too(clock: FrozenClock, dpop_key: DPoPKey) -> None:
+    """Frozen from a copy: the verifier's own dict is left alone, and what it does to it later
+    does not reach the cached result either."""
+    resp: dict[str, Any] = {"active": True, "cnf": {"jkt": dpop_key.jkt}, "roles": ["reader"]}
+    h = Harness({"token_verifier": lambda t: resp, "clock": clock})
+    result = h.dpop(dpop_key, "opaque", "GET", URL).outcome.result
+    assert result is not None
+    with pytest.raises(AttributeError):
+        result.claims["roles"].append("admin")
+    with pytest.raises(TypeError):
+        result.claims["cnf"]["jkt"] = "x"
+    resp["roles"].append("admin")
+    assert result.claims["roles"] == ("reader",)
+    assert resp["cnf"] == {"jkt": dpop_key.jkt} and type(resp["cnf"]) is dict
+
+
+def test_token_verifier_claims_too_deep_to_freeze(clock: FrozenClock, dpop_key: DPoPKey) -> None:
+    """A verifier's claims nested past the interpreter's depth (or a cycle): refused, not a 500."""
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    resp: dict[str, Any] = {"active": True, "cnf": {"jkt": dpop_key.jkt}, "x": deep}
+    h = Harness({"token_verifier": lambda t: resp, "clock": clock})
+    expect(h.dpop(dpop_key, "opaque", "GET", URL), "token_malformed")
+    resp["x"] = resp
+    expect(h.dpop(dpop_key, "opaque", "GET", URL), "token_malformed")
 
 
 @pytest.mark.parametrize(
@@ -224,6 +306,58 @@ def test_token_header_with_a_huge_number_is_malformed_not_a_crash(
     expect(h.dpop(dpop_key, f"{head}.{payload}.{signature}", "GET", URL), "token_malformed")
 
 
+def _signed_token(issuer: TokenIssuer, body: str, header: dict[str, Any] | None = None) -> str:
+    """A token the issuer signed over exactly ``body`` (json.dumps cannot write these)."""
+    from joserfc import jws
+
+    head = header or {"alg": issuer.alg, "typ": "at+jwt", "kid": issuer.kid}
+    return jws.serialize_compact(head, body.encode(), issuer.key, algorithms=[issuer.alg])
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        pytest.param("[" * 3000 + "]" * 3000, id="arrays-3000-deep"),
+        pytest.param('{"a":' * 2000 + "1" + "}" * 2000, id="objects-2000-deep"),
+        # The JSON decoder takes these; walking them to freeze the claims does not.
+        pytest.param("[" * 900 + "]" * 900, id="arrays-900-deep"),
+    ],
+)
+@pytest.mark.parametrize("scheme", ["DPoP", "Bearer"])
+def test_signed_token_with_claims_nested_deep_is_malformed_not_a_crash(
+    make_settings: Any,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    nested: str,
+    scheme: str,
+) -> None:
+    """Nested past the JSON decoder's depth, within the 16 KB token limit: RecursionError inside
+    joserfc's decode, which must be a refusal, not a 500."""
+    claims = {"iss": issuer.issuer, "aud": API, "exp": clock.now + 60}
+    if scheme == "DPoP":
+        claims["cnf"] = {"jkt": dpop_key.jkt}
+    token = _signed_token(issuer, json.dumps(claims)[:-1] + ', "deep": ' + nested + "}")
+    assert len(token) < 16384
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    if scheme == "DPoP":
+        answer = h.dpop(dpop_key, token, "GET", URL)
+    else:
+        answer = h.send("GET", URL, [("authorization", f"Bearer {token}")])
+    expect(answer, "token_malformed")
+
+
+def test_token_header_nested_deep_is_malformed_not_a_crash(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    from dpop_middleware.core.jose import b64encode
+
+    _, payload, signature = issuer.token(bound_to=dpop_key).split(".")
+    nested = "[" * 3000 + "]" * 3000
+    head = b64encode(('{"alg":"ES256","typ":"at+jwt","x":' + nested + "}").encode())
+    expect(h.dpop(dpop_key, f"{head}.{payload}.{signature}", "GET", URL), "token_malformed")
+
+
 @pytest.mark.parametrize(
     ("typ", "strict", "reason"),
     [
@@ -264,6 +398,73 @@ def test_proof_key_other_than_the_bound_one(
     answer = h.dpop(other_key, token, "GET", URL)
     expect(answer, "jkt_mismatch")
     assert answer.challenge_params()["error_description"] == "Invalid DPoP key binding"
+
+
+# Any cnf makes a token sender-constrained (RFC 7800 section 3.1): one we cannot read, or bound by
+# a method we cannot verify, is refused with either scheme, never taken for an unbound token.
+X5T = "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"
+UNSUPPORTED = "token_binding_unsupported"
+CNF_FORMS = [
+    pytest.param({"x5t#S256": X5T}, UNSUPPORTED, id="x5t#S256"),
+    pytest.param({"jwk": {"kty": "EC", "crv": "P-256", "x": "AA"}}, UNSUPPORTED, id="jwk"),
+    pytest.param({"kid": "key-1"}, UNSUPPORTED, id="kid"),
+    pytest.param({}, UNSUPPORTED, id="empty-object"),
+    pytest.param({"jkt": ["a"]}, "token_malformed", id="jkt-list"),
+    pytest.param({"jkt": {"a": "b"}}, "token_malformed", id="jkt-object"),
+    pytest.param({"jkt": ""}, "token_malformed", id="jkt-empty"),
+    pytest.param({"jkt": 5}, "token_malformed", id="jkt-number"),
+    pytest.param({"jkt": None}, "token_malformed", id="jkt-null"),
+    pytest.param("jkt", "token_malformed", id="cnf-string"),
+    pytest.param(["jkt"], "token_malformed", id="cnf-list"),
+    pytest.param(None, "token_malformed", id="cnf-null"),
+    pytest.param(1, "token_malformed", id="cnf-number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cnf", "reason"), CNF_FORMS)
+def test_other_cnf_forms_as_bearer(
+    make_settings: Any, issuer: TokenIssuer, cnf: Any, reason: str
+) -> None:
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    token = issuer.token(claims={"cnf": cnf})
+    answer = h.send("GET", URL, [("authorization", f"Bearer {token}")])
+    expect(answer, reason)
+    assert answer.challenge.startswith('Bearer error="invalid_token"')
+
+
+@pytest.mark.parametrize(("cnf", "reason"), CNF_FORMS)
+def test_other_cnf_forms_as_dpop(
+    h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, cnf: Any, reason: str
+) -> None:
+    token = issuer.token(claims={"cnf": cnf})
+    answer = h.dpop(dpop_key, token, "GET", URL)
+    expect(answer, reason)
+    assert answer.challenge.startswith('DPoP error="invalid_token"')
+
+
+@pytest.mark.parametrize(("cnf", "reason"), CNF_FORMS)
+@pytest.mark.parametrize("scheme", ["Bearer", "DPoP"])
+def test_other_cnf_forms_from_a_token_verifier(
+    clock: FrozenClock, dpop_key: DPoPKey, cnf: Any, reason: str, scheme: str
+) -> None:
+    resp = {"active": True, "cnf": cnf, "exp": clock.now + 60}
+    h = Harness({"token_verifier": lambda t: resp, "clock": clock, "mode": "dpop_or_bearer"})
+    if scheme == "DPoP":
+        answer = h.dpop(dpop_key, "opaque", "GET", URL)
+    else:
+        answer = h.send("GET", URL, [("authorization", "Bearer opaque")])
+    expect(answer, reason)
+
+
+def test_jkt_beside_another_confirmation_method_is_checked_as_jkt(
+    make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """cnf.jkt is there: the token is DPoP-bound, so Bearer is a downgrade and DPoP must match."""
+    cnf = {"jkt": dpop_key.jkt, "x5t#S256": X5T}
+    token = issuer.token(claims={"cnf": cnf})
+    h = Harness(make_settings(mode="dpop_or_bearer"))
+    expect(h.send("GET", URL, [("authorization", f"Bearer {token}")]), "downgrade")
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200
 
 
 def test_jwks_key_rotation_empties_the_token_cache(

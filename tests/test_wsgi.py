@@ -3,6 +3,7 @@ are spelled the usual way, and how an environ becomes the request the core check
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -213,3 +214,82 @@ def test_request_info_headers_client_and_server() -> None:
     assert info.client_ip == "10.1.2.3"
     assert info.server == ("internal", 8443)
     assert info.query_string == "a=1"
+
+
+# -- the claims: deeply immutable, the same for every request -----------------------------------
+
+ROLES = {"realm_access": {"roles": ["reader"]}}
+
+
+def try_to_change(result: DPoPResult) -> list[str]:
+    """What a careless handler does to the claims; the names of the errors it gets."""
+    errors = []
+    for change in (
+        lambda: result.claims["realm_access"]["roles"].append("admin"),
+        lambda: result.claims.__setitem__("admin", True),
+        lambda: result.claims["realm_access"].update(roles=["admin"]),
+        lambda: result.proof_claims.__setitem__("htm", "POST"),
+    ):
+        try:
+            change()
+        except (TypeError, AttributeError) as exc:
+            errors.append(type(exc).__name__)
+    return errors
+
+
+def flask_claims_app(settings: dict[str, Any]) -> Any:
+    from flask import Flask, jsonify, request
+
+    app = Flask(__name__)
+    app.wsgi_app = DPoPWSGIMiddleware(app.wsgi_app, settings=settings)  # type: ignore[method-assign]
+
+    @app.get("/dict")
+    def as_dict() -> Any:  # Flask's JSON provider, for a returned dict
+        result: DPoPResult = request.environ["dpop"]
+        errors = try_to_change(result)
+        return {"errors": errors, "claims": result.claims, "proof": result.proof_claims}
+
+    @app.get("/jsonify")
+    def as_jsonify() -> Any:
+        result: DPoPResult = request.environ["dpop"]
+        errors = try_to_change(result)
+        return jsonify(errors=errors, claims=result.claims, proof=result.proof_claims)
+
+    return app
+
+
+def plain_claims_app(settings: dict[str, Any]) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        result: DPoPResult = environ["dpop"]
+        errors = try_to_change(result)
+        body = json.dumps({"errors": errors, "claims": result.claims, "proof": result.proof_claims})
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body.encode()]
+
+    return DPoPWSGIMiddleware(app, settings=settings)
+
+
+@pytest.mark.parametrize(
+    ("make_app", "path"),
+    [
+        pytest.param(flask_claims_app, "/dict", id="flask-dict"),
+        pytest.param(flask_claims_app, "/jsonify", id="flask-jsonify"),
+        pytest.param(plain_claims_app, "/x", id="plain-wsgi-json-dumps"),
+    ],
+)
+def test_the_app_cannot_change_the_claims_the_next_request_sees(
+    settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey, make_app: Any, path: str
+) -> None:
+    client = Client(make_app(settings()))
+    token = issuer.token(bound_to=dpop_key, claims=ROLES)
+    for _ in range(2):  # the second request gets the cached token's claims
+        url = "http://localhost" + path
+        headers = dpop_headers(dpop_key, token, "GET", url, iat=issuer.clock())
+        resp = client.get(path, headers=headers)
+        assert resp.status_code == 200
+        body = json.loads(resp.get_data())
+        assert body["errors"] == ["AttributeError", "TypeError", "TypeError", "TypeError"]
+        assert body["claims"]["realm_access"] == {"roles": ["reader"]}
+        assert "admin" not in body["claims"]
+        assert body["claims"]["cnf"] == {"jkt": dpop_key.jkt}
+        assert body["proof"]["htm"] == "GET"

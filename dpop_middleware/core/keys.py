@@ -20,12 +20,18 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey, RSAKey
 
+from dpop_middleware.core.jose import MalformedError, b64decode
+
 K = TypeVar("K")
 V = TypeVar("V")
 
 #: RFC 7517/7518 members that only a private (or symmetric) key has (RFC 9449 section 4.2).
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MIN_RSA_BITS = 2048
+#: A larger modulus costs milliseconds per signature check and no client needs one.
+MAX_RSA_BITS = 8192
+#: RFC 8017 section 3.1 allows any odd exponent below ``n``; clients use 65537.
+MAX_RSA_EXPONENT = 2**32
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
@@ -140,6 +146,31 @@ def _okp_verifier(key: ed25519.Ed25519PublicKey | ed448.Ed448PublicKey) -> Verif
     return verify
 
 
+def check_rsa_bounds(jwk: Mapping[str, Any]) -> None:
+    """UnusableKeyError unless the RSA ``jwk``'s ``n`` has 2048 to 8192 bits and its ``e`` is odd,
+    from 3 to 2**32: checked on the JWK members, before any import or signature work.
+
+    Anyone can put a key in a proof header: a 16,384-bit ``n``, or a ``e`` as long as ``n``, costs
+    milliseconds of CPU for each refusal. ``n`` and ``e`` are strict base64url (RFC 7518 section
+    6.3.1); the bits are those of the value, so leading zero octets do not count.
+    """
+    n, e = jwk.get("n"), jwk.get("e")
+    if not isinstance(n, str) or not isinstance(e, str):
+        raise UnusableKeyError("RSA n and e must be strings")
+    try:
+        modulus = int.from_bytes(b64decode(n), "big")
+        exponent = int.from_bytes(b64decode(e), "big")
+    except MalformedError as exc:
+        raise UnusableKeyError("RSA n or e is not base64url") from exc
+    bits = modulus.bit_length()
+    if bits < MIN_RSA_BITS:
+        raise UnusableKeyError(f"RSA keys must have at least {MIN_RSA_BITS} bits")
+    if bits > MAX_RSA_BITS:
+        raise UnusableKeyError(f"RSA keys must have at most {MAX_RSA_BITS} bits")
+    if exponent < 3 or exponent > MAX_RSA_EXPONENT or not exponent & 1:
+        raise UnusableKeyError("RSA e must be odd, from 3 to 2**32")
+
+
 @dataclass(frozen=True, slots=True)
 class ProofKey:
     """A public key from a proof header, ready to verify, with its RFC 7638 thumbprint."""
@@ -175,11 +206,10 @@ def import_proof_key(jwk: Mapping[str, Any], alg: str) -> ProofKey:
         if alg[:2] in ("RS", "PS"):
             if kty != "RSA":
                 raise UnusableKeyError(f"{alg} needs an RSA key")
+            check_rsa_bounds(jwk)
             rsa_key = RSAKey.import_key(dict(jwk))
             pub_rsa = rsa_key.public_key
             assert isinstance(pub_rsa, rsa.RSAPublicKey)
-            if pub_rsa.key_size < MIN_RSA_BITS:
-                raise UnusableKeyError(f"RSA keys must have at least {MIN_RSA_BITS} bits")
             return ProofKey(alg, rsa_key.thumbprint(), _rsa_verifier(pub_rsa, alg))
         if alg in ("EdDSA", "Ed25519"):
             curves = ("Ed25519", "Ed448") if alg == "EdDSA" else ("Ed25519",)

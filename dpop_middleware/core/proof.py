@@ -15,9 +15,10 @@ from __future__ import annotations
 import functools
 import hmac
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from dpop_middleware.core.frozen import FrozenDict, freeze
 from dpop_middleware.core.jose import MalformedError, b64decode, json_object, json_object_from
 from dpop_middleware.core.keys import (
     PRIVATE_MEMBERS,
@@ -45,7 +46,8 @@ class Proof(NamedTuple):
     iat: int | float
     ath: str | None
     nonce: str | None
-    claims: dict[str, Any]
+    #: Deeply immutable (:func:`frozen.freeze`): the application gets this very object.
+    claims: Mapping[str, Any]
 
 
 def _bad(reason: str, description: str) -> InvalidDPoPProofError:
@@ -95,8 +97,13 @@ class ProofParser:
             raise _bad("jwk_private", "DPoP proof jwk contains private key material")
         try:
             return import_proof_key(jwk, alg)
-        except UnusableKeyError:
-            raise _bad("jwk_invalid", "DPoP proof jwk is not a usable key for its alg") from None
+        except UnusableKeyError as exc:
+            # The cause (our own fixed words, never the key) goes to the operator's log line.
+            raise InvalidDPoPProofError(
+                "jwk_invalid",
+                "DPoP proof jwk is not a usable key for its alg",
+                log_detail=f"jwk={str(exc)!r}",
+            ) from None
 
     def parse(self, value: str) -> Proof:
         # Step 2: a single well-formed JWT (size was bounded before we got here): three
@@ -145,7 +152,16 @@ class ProofParser:
             raise _bad("ath_invalid", "DPoP proof ath is not a string")
         if nonce is not None and type(nonce) is not str:
             raise _bad("nonce_invalid_type", "DPoP proof nonce is not a string")
-        return Proof(key, jti, htm, htu, iat, ath, nonce, claims)
+        # Deeply immutable for the application. With one "{" and no "[" in the JSON text there
+        # is no nested object or array (a string holding one only takes the longer way).
+        if payload.count(b"{") == 1 and b"[" not in payload:
+            frozen: Mapping[str, Any] = FrozenDict(claims)
+        else:
+            try:
+                frozen = freeze(claims)
+            except RecursionError:  # nested a little less deep than the JSON decoder's limit
+                raise _bad("proof_malformed", "DPoP proof is not a well-formed JWT") from None
+        return Proof(key, jti, htm, htu, iat, ath, nonce, frozen)
 
 
 def check_ath(proof: Proof, expected: bytes) -> None:

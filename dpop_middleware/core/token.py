@@ -6,7 +6,8 @@ A verified JWT is cached (LRU, keyed by the whole ``Authorization`` value) as a
 and what every request needs of them, extracted once (``exp``, ``nbf``, the bound ``cnf.jkt``)
 and the token's ``ath`` value. A cache hit still checks ``exp`` and ``nbf`` against the clock, so
 a cached token is never accepted past its expiry, and a JWK Set change makes every entry stale.
-Applications get a copy of the claims, so nothing they do to it can reach the cache.
+The claims are frozen (:mod:`frozen`) before they are cached: every request with the token gets
+the same deeply immutable object, so nothing an application does can reach the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 from joserfc import jwt
 from joserfc.errors import JoseError
 
+from dpop_middleware.core.frozen import freeze
 from dpop_middleware.core.jose import COMPACT_JWS, MalformedError, b64encode, json_object
 from dpop_middleware.core.keys import LRU, IssuerKeys, JWKSFetchNeeded, ProofKey
 from dpop_middleware.errors import InvalidTokenError, Scheme, ServiceUnavailableError
@@ -115,6 +117,7 @@ class AccessTokenChecker:
             claims = self._custom(token)
             if not isinstance(claims, Mapping):
                 raise TypeError("token_verifier must return a mapping of claims")
+            claims = _frozen(claims, scheme)
             # RFC 7662: an inactive token is no token.
             if "active" in claims and claims["active"] is not True:
                 raise _invalid("token_inactive", "The access token is not active", scheme)
@@ -125,13 +128,13 @@ class AccessTokenChecker:
                     "token_type_mismatch", "The access token is not a DPoP token", scheme
                 )
             exp, nbf = self._check_times(claims, now, scheme, required=False)
-            return VerifiedToken(name, token, claims, exp, nbf, _bound(claims), ath, 0)
+            return VerifiedToken(name, token, claims, exp, nbf, _bound(claims, scheme), ath, 0)
         keys = self.keys
         assert keys is not None
-        claims = self._verify_jwt(token, keys, now, scheme)
+        claims = _frozen(self._verify_jwt(token, keys, now, scheme), scheme)
         exp, nbf = self._check_times(claims, now, scheme, required=True)
         entry = VerifiedToken(
-            name, token, claims, exp, nbf, _bound(claims), ath, keys.version
+            name, token, claims, exp, nbf, _bound(claims, scheme), ath, keys.version
         )
         if len(authorization) == len(name) + 1 + len(token):
             # Only the form clients send (one space): otherwise one token in a few thousand
@@ -188,7 +191,9 @@ class AccessTokenChecker:
             raise _invalid(
                 "token_signature_invalid", "The access token signature is invalid", scheme
             ) from None
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
+            # RecursionError: claims nested past the JSON decoder's depth (a few thousand
+            # brackets fit in the size limit). Malformed, never a 500.
             raise _invalid(
                 "token_malformed", "The access token is not a valid JWT", scheme
             ) from None
@@ -227,6 +232,18 @@ class AccessTokenChecker:
         return exp, nbf
 
 
+def _frozen(claims: Mapping[str, Any], scheme: Scheme) -> Mapping[str, Any]:
+    """The claims deeply frozen, once per verified token; token_malformed if they are nested too
+    deep to walk (the JSON decoder's own limit is a little deeper)."""
+    try:
+        frozen: Mapping[str, Any] = freeze(claims)
+    except RecursionError:
+        raise _invalid(
+            "token_malformed", "The access token claims are nested too deep", scheme
+        ) from None
+    return frozen
+
+
 def _numeric_date(value: Any) -> float | None:
     """A JSON NumericDate as a finite float, or None (absent, not a number, NaN, infinite, or
     beyond the float range)."""
@@ -239,14 +256,29 @@ def _numeric_date(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _bound(claims: Mapping[str, Any]) -> bytes | None:
-    """The ``cnf.jkt`` the token is bound to (RFC 9449 section 6.1) as bytes, or None."""
-    cnf = claims.get("cnf")
-    if isinstance(cnf, Mapping):
-        jkt = cnf.get("jkt")
-        if isinstance(jkt, str):
-            return jkt.encode("utf-8", "surrogatepass")
-    return None
+def _bound(claims: Mapping[str, Any], scheme: Scheme) -> bytes | None:
+    """The ``cnf.jkt`` the token is bound to (RFC 9449 section 6.1) as bytes, or None for a token
+    without ``cnf``.
+
+    Any ``cnf`` makes the token sender-constrained (RFC 7800 section 3.1): one we cannot read, or
+    bound by another method (``x5t#S256`` of RFC 8705, ``jwk``, ...), is refused, never taken for
+    an unbound Bearer token.
+    """
+    if "cnf" not in claims:
+        return None
+    cnf = claims["cnf"]
+    if not isinstance(cnf, Mapping):
+        raise _invalid("token_malformed", "The access token cnf claim is not an object", scheme)
+    if "jkt" not in cnf:
+        raise _invalid(
+            "token_binding_unsupported",
+            "The access token is bound by a method this server cannot verify",
+            scheme,
+        )
+    jkt = cnf["jkt"]
+    if not isinstance(jkt, str) or not jkt:
+        raise _invalid("token_malformed", "The access token cnf.jkt is malformed", scheme)
+    return jkt.encode("utf-8", "surrogatepass")
 
 
 def check_binding(token: VerifiedToken, key: ProofKey) -> None:

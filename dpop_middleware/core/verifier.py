@@ -19,10 +19,10 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 from dpop_middleware.core import headers as hdr
+from dpop_middleware.core.frozen import EMPTY
 from dpop_middleware.core.htu import check_htu, request_htu
 from dpop_middleware.core.keys import IssuerKeys
 from dpop_middleware.core.nonce import NonceIssuer
@@ -49,14 +49,16 @@ EXPOSE_HEADERS: Header = ("access-control-expose-headers", "WWW-Authenticate, DP
 NO_STORE: Header = ("cache-control", "no-store")
 
 
-_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+_NO_CLAIMS: Mapping[str, Any] = EMPTY
 
 
 class DPoPResult(NamedTuple):
     """What the application gets (ASGI ``scope["dpop"]``, WSGI ``environ["dpop"]``).
 
     Immutable; a NamedTuple because one is built per request and that is the cheapest
-    immutable value Python has. ``claims`` is the request's own copy.
+    immutable value Python has. ``claims`` and ``proof_claims`` are deeply immutable
+    (:mod:`frozen`: read-only dicts, arrays as tuples); every request with the same token gets
+    the same ``claims`` object.
     """
 
     claims: Mapping[str, Any]
@@ -207,8 +209,8 @@ class Verifier:
         replay_key = hashlib.blake2b(
             key.jkt_bytes + b"\x00" + proof.jti.encode("utf-8", "surrogatepass"), digest_size=32
         ).digest()
-        # A copy of the claims: the cached ones are never handed to the application.
-        result = DPoPResult(dict(verified.claims), key.jkt, "DPoP", proof.claims)
+        # The claims were frozen when the token was verified: no copy per request.
+        result = DPoPResult(verified.claims, key.jkt, "DPoP", proof.claims)
         return Pending(result, replay_key, self._ttl, response_headers)
 
     def _nonce_freshness(
@@ -255,7 +257,7 @@ class Verifier:
             raise InvalidTokenError(
                 "downgrade", "DPoP-bound access token sent as a Bearer token", scheme="Bearer"
             )
-        return Pending(DPoPResult(dict(verified.claims), None, "Bearer"), None, 0.0)
+        return Pending(DPoPResult(verified.claims, None, "Bearer"), None, 0.0)
 
     def finish(self, pending: Pending, first_seen: bool) -> DPoPResult:
         """Take the replay store's answer (RFC 9449 section 11.1)."""
