@@ -88,7 +88,6 @@ def test_dots_that_are_not_segments_pass(
         pytest.param("/health%2Flive", True, id="encoded-slash-routes-below"),
         pytest.param("/healthz", False, id="not-a-segment"),
         pytest.param("/Health", False, id="case-sensitive"),
-        pytest.param("//health", False, id="double-slash-is-another-path"),
         pytest.param("/%68ealth", True, id="unreserved-escape-routes-as-health"),
         pytest.param("/x/health", False, id="deeper"),
     ],
@@ -291,3 +290,63 @@ def test_large_proof_headers_are_not_cached(
     answer = h.dpop(dpop_key, token, "GET", API + "/items", header={"kid": "y" * 3000})
     assert answer.status == 200
     assert proofs._header.cache_info().currsize == before  # type: ignore[attr-defined]
+
+
+# -- found by the attacker's review of the path rule -------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["//api/x", "///api/x", "/%2Fapi/x", "/%2F%2Fapi/x"])
+def test_leading_double_slash_is_refused(
+    nonce_h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, path: str
+) -> None:
+    """werkzeug routes ``//api/x`` as ``/api/x``; Starlette and Django as another path."""
+    answer = nonce_h.dpop(dpop_key, issuer.token(bound_to=dpop_key), "GET", API + path)
+    assert (answer.status, answer.error, answer.reason) == (
+        400, "invalid_request", "double_slash_path",
+    )  # fmt: skip
+
+
+def test_inner_empty_segments_still_pass(
+    nonce_h: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    answer = nonce_h.dpop(dpop_key, issuer.token(bound_to=dpop_key), "GET", API + "/x//y")
+    assert answer.status == 200
+
+
+@pytest.mark.parametrize("header", ["script-name", "daphne-root-path"])
+def test_a_client_cannot_name_the_mount_prefix(
+    make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey, header: str
+) -> None:
+    """A victim's proof for ``/files/admin/purge`` sent as ``/admin/purge`` with a header that
+    makes the server mount the app at ``/files``: the htu matches, the app routes /admin/purge."""
+    h = Harness(make_settings())
+    token = issuer.token(bound_to=dpop_key)
+    proof = dpop_key.proof("DELETE", API + "/files/admin/purge", access_token=token)
+    creds = [("authorization", f"DPoP {token}"), ("dpop", proof), (header, "/files")]
+    answer = h.send("DELETE", API + "/admin/purge", creds, root_path="/files")
+    assert (answer.status, answer.error, answer.reason) == (
+        400, "invalid_request", "untrusted_mount_prefix",
+    )  # fmt: skip
+
+
+def test_a_trusted_proxy_may_name_the_mount_prefix(
+    make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    h = Harness(make_settings(trusted_proxies=["10.0.0.0/8"]))
+    token = issuer.token(bound_to=dpop_key)
+    proof = dpop_key.proof("DELETE", API + "/files/admin/purge", access_token=token)
+    creds = [("authorization", f"DPoP {token}"), ("dpop", proof), ("script-name", "/files")]
+    answer = h.send("DELETE", API + "/admin/purge", creds, root_path="/files", client_ip="10.1.2.3")
+    assert answer.status == 200
+
+
+def test_public_url_makes_the_prefix_header_harmless(
+    make_settings: Any, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """With public_url the server's prefix is replaced: the moved proof's htu no longer matches."""
+    h = Harness(make_settings(public_url=API))
+    token = issuer.token(bound_to=dpop_key)
+    proof = dpop_key.proof("DELETE", API + "/files/admin/purge", access_token=token)
+    creds = [("authorization", f"DPoP {token}"), ("dpop", proof), ("script-name", "/files")]
+    answer = h.send("DELETE", API + "/admin/purge", creds, root_path="/files")
+    assert (answer.status, answer.reason) == (401, "htu_mismatch")

@@ -136,3 +136,31 @@ def test_preflight_never_runs_a_protected_handler(port: int) -> None:
     status, _, raw = send(port, "OPTIONS", "/admin/purge", headers)
     assert status == 401
     assert body(raw)["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize("target", ["//api/x", "/%2Fapi/x"])
+def test_leading_double_slash_cannot_skip_the_nonce(
+    port: int, issuer: TokenIssuer, dpop_key: DPoPKey, target: str
+) -> None:
+    """werkzeug routes ``//api/x`` as ``/api/x`` (it strips leading slashes before matching): a
+    proof without a nonce for that URI reached the api handler under gunicorn + Flask."""
+    url = f"http://127.0.0.1:{port}{target}"
+    status, _, raw = send(port, "GET", target, dpop_headers(issuer, dpop_key, "GET", url))
+    assert (status, body(raw)["error"]) == (400, "invalid_request"), raw
+
+
+def test_a_client_cannot_move_the_mount_prefix(
+    port: int, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """gunicorn takes ``SCRIPT_NAME`` from a request header (from 127.0.0.1 by default): a
+    victim's proof for ``DELETE /files/admin/purge`` sent with ``SCRIPT_NAME: /files`` kept its
+    htu while the app routed ``/admin/purge``. uvicorn ignores the header: the request is then
+    routed to /files, as signed."""
+    url = f"http://127.0.0.1:{port}/files/admin/purge"
+    headers = [*dpop_headers(issuer, dpop_key, "DELETE", url), ("SCRIPT_NAME", "/files")]
+    status, _, raw = send(port, "DELETE", "/files/admin/purge", headers)
+    answer = body(raw)
+    if answer.get("route") == "files":  # the server ignored the header (uvicorn)
+        assert (status, answer["p"]) == (200, "admin/purge")
+    else:  # the server moved the prefix (gunicorn): refused, never the purge handler
+        assert (status, answer["error"]) == (400, "invalid_request"), raw

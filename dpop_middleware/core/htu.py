@@ -31,6 +31,9 @@ from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.errors import InvalidDPoPProofError, InvalidRequestError
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
+#: Request headers some servers turn into the mount prefix (gunicorn's ``SCRIPT_NAME``, as a WSGI
+#: environ key ``HTTP_SCRIPT_NAME``; daphne's ``Daphne-Root-Path``).
+_PREFIX_HEADERS = ("script-name", "daphne-root-path")
 # RFC 3986 section 3.2.2, restricted to what a real HTTP host is: a name of letters, digits, "-",
 # "." and "_" (reg-name allows "_", and container service names use it), IPv4, or an IPv6
 # literal in brackets; then an optional port. No "@", "/", "?", "#" or "%" can get through.
@@ -220,7 +223,8 @@ def request_htu(
     host = host_values[0] if host_values else None
     prefix = request.root_path
 
-    if trusted_proxies and _trusted(request.client_ip, trusted_proxies):
+    trusted = bool(trusted_proxies) and _trusted(request.client_ip, trusted_proxies)
+    if trusted:
         fwd_values = request.header_values("forwarded")
         if fwd_values:
             fwd = _forwarded(fwd_values[-1])
@@ -237,6 +241,18 @@ def request_htu(
         if fprefix:
             prefix = _last(fprefix[-1]).rstrip("/")
 
+    if prefix and not trusted:
+        # Servers that take the mount prefix from a request header (gunicorn's SCRIPT_NAME from
+        # its forwarded_allow_ips, 127.0.0.1 by default; daphne's Daphne-Root-Path from anyone)
+        # let the client move the split between prefix and path: the same htu would then
+        # route to another handler. Only a trusted proxy may send them.
+        for name in _PREFIX_HEADERS:
+            if request.header_values(name):
+                raise InvalidRequestError(
+                    "untrusted_mount_prefix",
+                    "The request names its own mount prefix",
+                    log_detail=f"header={name}",
+                )
     if prefix and prefix[0] != "/":
         raise InvalidRequestError(
             "invalid_path", "The request prefix is not an absolute path",

@@ -14,6 +14,11 @@ consequences:
   (``RequestInfo.route_path``), by whole segments and case-sensitively, never a normalised
   copy: ``/api%2Fx`` is routed as ``/api/x`` and is under ``/api``.
 
+A routed path that starts with ``//`` (``//api/x``, ``/%2Fapi/x``) is refused too (400, reason
+``double_slash_path``): werkzeug (Flask) strips leading slashes before matching, so it routes
+``//api/x`` as ``/api/x``, while Starlette and Django route it as a path of its own. No one
+reading can be right for every app.
+
 Paths longer than ``max_path_length`` are refused before any other work (400, reason
 ``path_too_long``), so no per-request cost grows with an attacker's path.
 """
@@ -39,6 +44,12 @@ def check_path(path: str, route_path: str, max_length: int) -> None:
     if len(path) > max_length or len(route_path) > max_length:
         raise InvalidRequestError(
             "path_too_long", "The request path is too long", log_detail=f"length={len(path)}"
+        )
+    if route_path[:2] == "//":
+        raise InvalidRequestError(
+            "double_slash_path",
+            "The request path starts with an empty segment",
+            log_detail=f"path={path[:100]!r}",
         )
     # Cheap pre-checks first: most paths hold no "." at all, and no "%2" outside escapes.
     if ("." in route_path and _DOT_DECODED.search(route_path)) or (
