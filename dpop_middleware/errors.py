@@ -8,6 +8,7 @@ here; a token, a proof or a key never goes into an error.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 Scheme = Literal["DPoP", "Bearer", "both"]
@@ -34,14 +35,15 @@ class DPoPError(Exception):
         description: str,
         *,
         scheme: Scheme = "DPoP",
-        log_detail: str | None = None,
+        log_detail: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(f"{reason}: {description}")
         self.reason = reason
         self.description = description
         self.scheme: Scheme = scheme
-        # Extra detail for the operator's log line only (e.g. expected vs received htu); never
-        # rendered into a response.
+        # Extra fields for the operator's log line only (e.g. expected vs received htu), as
+        # name -> raw value: the log line quotes each value, so one taken from the request can
+        # neither hold a control character nor pass for another field. Never in a response.
         self.log_detail = log_detail
 
 

@@ -382,7 +382,7 @@ def test_htu_mismatch_log_shows_expected_and_received_but_the_response_does_not(
     )
     (line,) = refusal_log(caplog)
     assert line.endswith(
-        "expected htu='http://testserver/me' received htu='https://elsewhere.example/x'"
+        "expected_htu='http://testserver/me' received_htu='https://elsewhere.example/x'"
     )
     everything = resp.body.decode() + " ".join(v for _, v in resp.headers)
     assert "elsewhere" not in everything and "testserver" not in everything

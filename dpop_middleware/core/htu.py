@@ -193,7 +193,7 @@ def request_htu(
     if path and path[0] != "/":
         raise InvalidRequestError(
             "invalid_path", "The request target is not an absolute path",
-            log_detail=f"path={path[:100]!r}",
+            log_detail={"path": path},
         )  # fmt: skip
     if public_url is not None:
         scheme, authority, prefix = public_url
@@ -225,7 +225,7 @@ def request_htu(
     if prefix and prefix[0] != "/":
         raise InvalidRequestError(
             "invalid_path", "The request prefix is not an absolute path",
-            log_detail=f"prefix={prefix[:100]!r}",
+            log_detail={"prefix": prefix},
         )  # fmt: skip
     if scheme not in _DEFAULT_PORTS:
         raise InvalidRequestError("invalid_host", "Unsupported request scheme")
@@ -238,7 +238,7 @@ def request_htu(
         return _compose(scheme, host, prefix, path)
     except ValueError:
         raise InvalidRequestError(
-            "invalid_host", "The Host header is not a valid host", log_detail=f"host={host[:100]!r}"
+            "invalid_host", "The Host header is not a valid host", log_detail={"host": host}
         ) from None
 
 
@@ -261,5 +261,5 @@ def check_htu(claimed: str, expected: str) -> None:
         raise InvalidDPoPProofError(
             "htu_mismatch",
             "DPoP proof htu does not match the request URI",
-            log_detail=f"expected htu={expected[:300]!r} received htu={normal[:300]!r}",
+            log_detail={"expected_htu": expected, "received_htu": normal},
         )
