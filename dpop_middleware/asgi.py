@@ -85,7 +85,9 @@ class DPoPMiddleware:
         # Built now, so a bad store setting or a failed ``ping_on_startup`` stops start-up; the
         # stores open their connections on first use, and again after a fork.
         self.store: AsyncReplayStore = (
-            store if store is not None else create_async_store(self.settings.replay_store)
+            store
+            if store is not None
+            else create_async_store(self.settings.replay_store, replay_ttl=self.settings.replay_ttl)
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
