@@ -8,6 +8,7 @@ here; a token, a proof or a key never goes into an error.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
@@ -28,6 +29,8 @@ class DPoPError(Exception):
 
     error: ClassVar[str | None] = None
     status: ClassVar[int] = 401
+    #: The level of the refusal's log line: a client's mistake is a WARNING.
+    log_level: ClassVar[int] = logging.WARNING
 
     def __init__(
         self,
@@ -81,6 +84,13 @@ class ServiceUnavailableError(DPoPError):
 
     error = "temporarily_unavailable"
     status = 503
+
+
+class TokenVerifierError(ServiceUnavailableError):
+    """The application's ``token_verifier`` broke its contract (gave an awaitable, or no mapping
+    of claims): a fault of the server, not the client, so a 503 and an ERROR log line."""
+
+    log_level = logging.ERROR
 
 
 class ReplayStoreError(Exception):

@@ -81,7 +81,8 @@ class Engine:
     def _log(self, request: RequestInfo, error: DPoPError) -> None:
         fields = error.log_detail
         detail = "".join(f" {k}={_clip(v, 300)}" for k, v in fields.items()) if fields else ""
-        logger.warning(
+        logger.log(
+            error.log_level,
             "dpop %s reason=%s status=%d error=%s method=%s path=%s client=%s%s",
             "would_refuse" if self._report_only else "refused",
             error.reason,

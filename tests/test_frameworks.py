@@ -591,6 +591,25 @@ def test_on_refusal_hook_async(
     assert calls == ["proof_missing 401 invalid_dpop_proof"]
 
 
+def test_a_token_verifier_that_hands_back_a_coroutine_gets_503_never_500(
+    serve: Callable[..., Harness], dpop_key: DPoPKey, issuer: TokenIssuer
+) -> None:
+    async def introspect(token: str) -> dict[str, Any]:  # pragma: no cover
+        return {"active": True, "cnf": {"jkt": dpop_key.jkt}}
+
+    def verify(token: str) -> Any:
+        return introspect(token)  # an async verifier behind a sync wrapper
+
+    h = serve({"token_verifier": verify, "clock": issuer.clock, "exclude_paths": ["/health"]})
+    headers = dpop_headers(dpop_key, "opaque", "GET", h.url("/me"), iat=issuer.clock())
+    assert_refused(
+        h.get("/me", headers),
+        503,
+        "temporarily_unavailable",
+        description="The access token cannot be checked right now",
+    )
+
+
 # -- imports ------------------------------------------------------------------------------------
 
 
