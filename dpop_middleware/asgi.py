@@ -19,10 +19,12 @@ from typing import Any
 
 from dpop_middleware.core.request import RequestInfo, encoded_path
 from dpop_middleware.core.verifier import Header, Refusal
+from dpop_middleware.errors import ConfigurationError, ReplayStoreError
 from dpop_middleware.flow import Engine
 from dpop_middleware.replay import create_async_store
 from dpop_middleware.replay.base import AsyncReplayStore
 from dpop_middleware.settings import Settings
+from dpop_middleware.starlette import FailedStartup, built_lazily_by_starlette
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -81,15 +83,26 @@ class DPoPMiddleware:
         store: AsyncReplayStore | None = None,
     ) -> None:
         self.app = app
-        self.settings = settings if isinstance(settings, Settings) else Settings.from_dict(settings)
-        self.engine = Engine(self.settings)
-        # Built now, so a bad store setting or a failed ``ping_on_startup`` stops start-up; the
-        # stores open their connections on first use, and again after a fork.
-        self.store: AsyncReplayStore = (
-            store if store is not None else create_async_store(self.settings.replay_store)
-        )
+        self.failed: FailedStartup | None = None
+        try:
+            config = settings if isinstance(settings, Settings) else Settings.from_dict(settings)
+            self.settings, self.engine = config, Engine(config)
+            # Built now, so a bad store setting or a failed ``ping_on_startup`` stops start-up;
+            # the stores open their connections on first use, and again after a fork.
+            if store is None:
+                store = create_async_store(config.replay_store, replay_ttl=config.replay_ttl)
+            self.store: AsyncReplayStore = store
+        except (ConfigurationError, ReplayStoreError) as exc:
+            # Built by Starlette on the first ASGI call, raising would not stop the server
+            # (dpop_middleware.starlette): fail the lifespan startup instead.
+            if not built_lazily_by_starlette():
+                raise
+            self.failed = FailedStartup(exc)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.failed is not None:
+            await self.failed(scope, receive, send)
+            return
         kind = scope["type"]
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)

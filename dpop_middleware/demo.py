@@ -127,7 +127,7 @@ def build_app(settings: dict[str, Any]) -> DPoPMiddleware:
     from starlette.routing import Route
 
     frozen = Settings.from_dict(settings)
-    store = create_async_store(frozen.replay_store)
+    store = create_async_store(frozen.replay_store, replay_ttl=frozen.replay_ttl)
 
     async def items(request: Request) -> JSONResponse:
         dpop = request.scope["dpop"]

@@ -8,6 +8,8 @@ here; a token, a proof or a key never goes into an error.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 Scheme = Literal["DPoP", "Bearer", "both"]
@@ -27,6 +29,8 @@ class DPoPError(Exception):
 
     error: ClassVar[str | None] = None
     status: ClassVar[int] = 401
+    #: The level of the refusal's log line: a client's mistake is a WARNING.
+    log_level: ClassVar[int] = logging.WARNING
 
     def __init__(
         self,
@@ -34,14 +38,15 @@ class DPoPError(Exception):
         description: str,
         *,
         scheme: Scheme = "DPoP",
-        log_detail: str | None = None,
+        log_detail: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(f"{reason}: {description}")
         self.reason = reason
         self.description = description
         self.scheme: Scheme = scheme
-        # Extra detail for the operator's log line only (e.g. expected vs received htu); never
-        # rendered into a response.
+        # Extra fields for the operator's log line only (e.g. expected vs received htu), as
+        # name -> raw value: the log line quotes each value, so one taken from the request can
+        # neither hold a control character nor pass for another field. Never in a response.
         self.log_detail = log_detail
 
 
@@ -79,6 +84,13 @@ class ServiceUnavailableError(DPoPError):
 
     error = "temporarily_unavailable"
     status = 503
+
+
+class TokenVerifierError(ServiceUnavailableError):
+    """The application's ``token_verifier`` broke its contract (gave an awaitable, or no mapping
+    of claims): a fault of the server, not the client, so a 503 and an ERROR log line."""
+
+    log_level = logging.ERROR
 
 
 class ReplayStoreError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -39,7 +40,21 @@ _PASS = Outcome()
 
 
 def _clip(value: str, size: int = 200) -> str:
+    """A value from the request, fit for one field of a log line: clipped and quoted by ``repr``,
+    which escapes every control and non-printable character (ESC, CR, LF, C1 controls, U+2028)
+    and keeps spaces, ``=`` and quotes inside the quotes, so it cannot pass for another field."""
     return repr(value[:size])
+
+
+#: An IP address (v4, v6, v6 with a zone) logs bare; anything else a server put in the client
+#: address (uvicorn takes it from ``X-Forwarded-For``) is quoted like every request value.
+_PLAIN_ADDRESS = re.compile(r"[0-9A-Za-z.:%_-]{1,64}")
+
+
+def _client(address: str | None) -> str:
+    if address is None:
+        return "-"
+    return address if _PLAIN_ADDRESS.fullmatch(address) else _clip(address, 100)
 
 
 class Engine:
@@ -64,8 +79,10 @@ class Engine:
         }
 
     def _log(self, request: RequestInfo, error: DPoPError) -> None:
-        detail = f" {error.log_detail}" if error.log_detail else ""
-        logger.warning(
+        fields = error.log_detail
+        detail = "".join(f" {k}={_clip(v, 300)}" for k, v in fields.items()) if fields else ""
+        logger.log(
+            error.log_level,
             "dpop %s reason=%s status=%d error=%s method=%s path=%s client=%s%s",
             "would_refuse" if self._report_only else "refused",
             error.reason,
@@ -73,7 +90,7 @@ class Engine:
             error.error,
             _clip(request.method, 20),
             _clip(request.root_path + request.path),
-            request.client_ip,
+            _client(request.client_ip),
             detail,
         )
 
@@ -205,7 +222,7 @@ def _store_down(exc: ReplayStoreError) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "replay_store_unavailable",
         "Replay protection is temporarily unavailable",
-        log_detail=f"cause={type(exc).__name__}: {str(exc)[:200]}",
+        log_detail={"cause": f"{type(exc).__name__}: {exc}"},
     )
 
 

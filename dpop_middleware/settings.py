@@ -7,8 +7,12 @@ mean" hint); every error names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
+import functools
+import inspect
 import ipaddress
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,6 +182,21 @@ def _algorithms(raw: Mapping[str, Any], key: str, default: tuple[str, ...]) -> t
     return tuple(dict.fromkeys(value))
 
 
+def _is_async(value: Any) -> bool:
+    """``value`` is an ``async def`` (or async generator) function, an object whose ``__call__``
+    is one, a ``functools.partial`` of either, or marked as a coroutine function
+    (``inspect.markcoroutinefunction``; on Python 3.11, asgiref's marker)."""
+    while isinstance(value, functools.partial):
+        value = value.func
+    # ``value(...)`` runs ``type(value).__call__``: for an object, the method that matters.
+    for func in (value, type(value).__call__):
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            return True
+        if sys.version_info < (3, 12) and asyncio.iscoroutinefunction(func):
+            return True
+    return False
+
+
 def _https_url(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _fail(key, value, "an https:// URL (http:// only for localhost)")
@@ -304,6 +323,14 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     token_verifier = raw.get("token_verifier")
     if token_verifier is not None and not callable(token_verifier):
         raise _fail("token_verifier", token_verifier, "a callable(token: str) -> claims dict")
+    if token_verifier is not None and _is_async(token_verifier):
+        # It would be called without await and hand back a coroutine on every request.
+        raise _fail(
+            "token_verifier",
+            token_verifier,
+            "a plain (sync) callable(token: str) -> claims dict; async def verifiers are not "
+            "supported yet",
+        )
 
     sources = [k for k in ("jwks", "jwks_uri", "token_verifier") if raw.get(k) is not None]
     if len(sources) != 1:

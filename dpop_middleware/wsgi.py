@@ -75,7 +75,9 @@ class DPoPWSGIMiddleware:
         # Built now, so a bad store setting or a failed ``ping_on_startup`` stops start-up; the
         # stores open their connections on first use, and again after a fork.
         self.store: ReplayStore = (
-            store if store is not None else create_sync_store(self.settings.replay_store)
+            store
+            if store is not None
+            else create_sync_store(self.settings.replay_store, replay_ttl=self.settings.replay_ttl)
         )
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

@@ -74,7 +74,9 @@ class Harness:
     def __init__(self, settings: dict[str, Any] | Settings) -> None:
         self.settings = settings if isinstance(settings, Settings) else Settings.from_dict(settings)
         self.engine = Engine(self.settings)
-        self.store = create_sync_store(self.settings.replay_store)
+        self.store = create_sync_store(
+            self.settings.replay_store, replay_ttl=self.settings.replay_ttl
+        )
 
     def send(
         self, method: str, url: str, headers: Sequence[tuple[str, str]] = (), **kw: Any

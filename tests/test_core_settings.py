@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from asgiref.sync import markcoroutinefunction
 
 from dpop_middleware import ConfigurationError, Settings
 
@@ -133,6 +136,70 @@ def test_jwks_uri_must_be_https_except_localhost() -> None:
 def test_token_verifier_needs_no_issuer() -> None:
     s = Settings.from_dict({"token_verifier": lambda token: {}})
     assert s.token_verifier is not None
+
+
+async def _async_verify(token: str) -> dict[str, Any]:  # pragma: no cover
+    return {}
+
+
+async def _async_gen_verify(token: str) -> AsyncIterator[dict[str, Any]]:  # pragma: no cover
+    yield {}
+
+
+def _sync_verify(token: str, extra: int = 0) -> dict[str, Any]:  # pragma: no cover
+    return {}
+
+
+class _AsyncCallable:
+    async def __call__(self, token: str) -> dict[str, Any]:  # pragma: no cover
+        return {}
+
+    async def verify(self, token: str) -> dict[str, Any]:  # pragma: no cover
+        return {}
+
+
+class _SyncCallable:
+    def __call__(self, token: str) -> dict[str, Any]:  # pragma: no cover
+        return {}
+
+
+def _marked(token: str) -> Any:  # pragma: no cover
+    return _async_verify(token)
+
+
+@pytest.mark.parametrize(
+    "verifier",
+    [
+        pytest.param(_async_verify, id="async-def"),
+        pytest.param(functools.partial(_async_verify), id="partial-of-async-def"),
+        pytest.param(_AsyncCallable(), id="object-with-async-call"),
+        pytest.param(functools.partial(_AsyncCallable()), id="partial-of-async-object"),
+        pytest.param(_AsyncCallable().verify, id="async-bound-method"),
+        pytest.param(_async_gen_verify, id="async-generator"),
+        pytest.param(markcoroutinefunction(_marked), id="markcoroutinefunction"),
+    ],
+)
+def test_an_async_token_verifier_is_refused_at_start_up(verifier: Any) -> None:
+    """It would be called without ``await`` and hand back a coroutine on every request."""
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_dict({"token_verifier": verifier})
+    assert str(caught.value) == (
+        "dpop_middleware setting 'token_verifier': got <callable>; allowed: a plain (sync) "
+        "callable(token: str) -> claims dict; async def verifiers are not supported yet"
+    )
+
+
+@pytest.mark.parametrize(
+    "verifier",
+    [
+        pytest.param(_sync_verify, id="def"),
+        pytest.param(functools.partial(_sync_verify, extra=1), id="partial"),
+        pytest.param(_SyncCallable(), id="object"),
+        pytest.param(dict, id="class"),
+    ],
+)
+def test_a_sync_token_verifier_is_accepted(verifier: Any) -> None:
+    assert Settings.from_dict({"token_verifier": verifier}).token_verifier is verifier
 
 
 def test_not_a_dict() -> None:

@@ -3,8 +3,12 @@ the JWKS fetch."""
 
 from __future__ import annotations
 
+import gc
+import inspect
 import json
+import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -520,6 +524,54 @@ def test_custom_verifier_can_refuse_with_our_error(clock: FrozenClock, dpop_key:
 
     h = Harness({"token_verifier": verify, "clock": clock})
     expect(h.dpop(dpop_key, "opaque", "GET", URL), "introspection_refused")
+
+
+@pytest.mark.parametrize(
+    ("returned", "type_name"),
+    [
+        pytest.param("coroutine", "coroutine", id="coroutine"),
+        pytest.param(None, "NoneType", id="none"),
+        pytest.param(["claims"], "list", id="list"),
+    ],
+)
+def test_custom_verifier_that_gives_no_claims_is_a_503_logged_at_error(
+    clock: FrozenClock,
+    dpop_key: DPoPKey,
+    caplog: pytest.LogCaptureFixture,
+    returned: Any,
+    type_name: str,
+) -> None:
+    """A sync verifier that hands back an awaitable (an async verifier the settings could not
+    recognise) or no mapping: refused with 503, never a 500, never let through; the coroutine is
+    closed unawaited (no "never awaited" warning)."""
+    made: list[Any] = []
+
+    async def introspect(token: str) -> dict[str, Any]:  # pragma: no cover
+        return {"active": True, "cnf": {"jkt": dpop_key.jkt}}
+
+    def verify(token: str) -> Any:
+        if returned == "coroutine":
+            made.append(introspect(token))
+            return made[-1]
+        return returned
+
+    h = Harness({"token_verifier": verify, "clock": clock})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "coroutine ... was never awaited" fails the test
+        with caplog.at_level(logging.WARNING, logger="dpop_middleware"):
+            answer = h.dpop(dpop_key, "opaque", "GET", URL)
+        gc.collect()
+    expect(answer, "token_verifier_error", "temporarily_unavailable", 503)
+    assert answer.header("retry-after") == ["1"]
+    assert answer.header("www-authenticate") == []
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith(
+        "dpop refused reason=token_verifier_error status=503 error=temporarily_unavailable "
+    )
+    assert record.getMessage().endswith(f" returned={type_name!r}")
+    for coroutine in made:
+        assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CLOSED
 
 
 # -- jwks_uri -------------------------------------------------------------------------------------

@@ -382,7 +382,7 @@ def test_htu_mismatch_log_shows_expected_and_received_but_the_response_does_not(
     )
     (line,) = refusal_log(caplog)
     assert line.endswith(
-        "expected htu='http://testserver/me' received htu='https://elsewhere.example/x'"
+        "expected_htu='http://testserver/me' received_htu='https://elsewhere.example/x'"
     )
     everything = resp.body.decode() + " ".join(v for _, v in resp.headers)
     assert "elsewhere" not in everything and "testserver" not in everything
@@ -600,6 +600,25 @@ def test_on_refusal_hook_async(
         h.get("/me", [("Authorization", f"DPoP {issuer.token()}")]), 401, "invalid_dpop_proof"
     )
     assert calls == ["proof_missing 401 invalid_dpop_proof"]
+
+
+def test_a_token_verifier_that_hands_back_a_coroutine_gets_503_never_500(
+    serve: Callable[..., Harness], dpop_key: DPoPKey, issuer: TokenIssuer
+) -> None:
+    async def introspect(token: str) -> dict[str, Any]:  # pragma: no cover
+        return {"active": True, "cnf": {"jkt": dpop_key.jkt}}
+
+    def verify(token: str) -> Any:
+        return introspect(token)  # an async verifier behind a sync wrapper
+
+    h = serve({"token_verifier": verify, "clock": issuer.clock, "exclude_paths": ["/health"]})
+    headers = dpop_headers(dpop_key, "opaque", "GET", h.url("/me"), iat=issuer.clock())
+    assert_refused(
+        h.get("/me", headers),
+        503,
+        "temporarily_unavailable",
+        description="The access token cannot be checked right now",
+    )
 
 
 # -- imports ------------------------------------------------------------------------------------

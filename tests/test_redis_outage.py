@@ -87,7 +87,7 @@ def outage_script(
 
     text = caplog.text
     assert "reason=replay_store_unavailable status=503" in text
-    assert "cause=ReplayStoreError: redis SET NX failed" in text
+    assert "cause='ReplayStoreError: redis SET NX failed" in text
     assert "dpop replay_store_down backend=redis://127.0.0.1:" in text
     assert "dpop replay_store_recovered" in text
 

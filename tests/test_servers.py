@@ -287,16 +287,29 @@ def test_uvicorn_root_path_is_part_of_htu(tmp_path: Path) -> None:
         assert json.loads(body)["error"] == "invalid_dpop_proof"
 
 
-def test_gunicorn_script_name_is_part_of_htu(tmp_path: Path) -> None:
-    with running("gunicorn", "examples.flask_app:app", log=tmp_path / "log") as port:
+@pytest.mark.parametrize("trusted", [True, False], ids=["proxy-trusted", "proxy-not-trusted"])
+def test_gunicorn_script_name_is_part_of_htu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool
+) -> None:
+    """gunicorn takes SCRIPT_NAME from a header sent by a peer in its forwarded_allow_ips
+    (loopback by default), as a proxy that mounts the app under /api would send it. The
+    middleware believes it only from a ``trusted_proxies`` peer: otherwise a client could move
+    the split between prefix and path (tests/test_path_attacks.py)."""
+    settings = local_issuer.issuer.settings(exclude_paths=["/health"])
+    if trusted:
+        settings["trusted_proxies"] = ["127.0.0.1"]
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    monkeypatch.setenv("DPOP_TEST_SETTINGS", str(tmp_path / "settings.json"))
+    with running("gunicorn", "tests.apps.wsgi_app:app", log=tmp_path / "log") as port:
         key = DPoPKey.generate()
         url = f"http://127.0.0.1:{port}/api/me"
-        # gunicorn takes SCRIPT_NAME from a header sent by a peer in its forwarded_allow_ips
-        # (loopback by default), as a proxy that mounts the app under /api would send it.
         mount = [("SCRIPT_NAME", "/api")]
         status, _, body = send(port, "GET", "/api/me", [*mount, *headers_for(key, url)])
+        if not trusted:
+            assert (status, json.loads(body)["error"]) == (400, "invalid_request")
+            return
         assert status == 200, body
-        assert json.loads(body)["jkt"] == key.jkt
+        assert json.loads(body)["sub"] == "user-123"
         wrong = headers_for(key, f"http://127.0.0.1:{port}/me")
         status, _, body = send(port, "GET", "/api/me", [*mount, *wrong])
         assert status == 401

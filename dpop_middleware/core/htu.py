@@ -211,7 +211,7 @@ def request_htu(
     if path and path[0] != "/":
         raise InvalidRequestError(
             "invalid_path", "The request target is not an absolute path",
-            log_detail=f"path={path[:100]!r}",
+            log_detail={"path": path},
         )  # fmt: skip
     if public_url is not None:
         scheme, authority, prefix = public_url
@@ -251,12 +251,12 @@ def request_htu(
                 raise InvalidRequestError(
                     "untrusted_mount_prefix",
                     "The request names its own mount prefix",
-                    log_detail=f"header={name}",
+                    log_detail={"header": name},
                 )
     if prefix and prefix[0] != "/":
         raise InvalidRequestError(
             "invalid_path", "The request prefix is not an absolute path",
-            log_detail=f"prefix={prefix[:100]!r}",
+            log_detail={"prefix": prefix},
         )  # fmt: skip
     if scheme not in _DEFAULT_PORTS:
         raise InvalidRequestError("invalid_host", "Unsupported request scheme")
@@ -269,7 +269,7 @@ def request_htu(
         return _compose(scheme, host, prefix, path)
     except ValueError:
         raise InvalidRequestError(
-            "invalid_host", "The Host header is not a valid host", log_detail=f"host={host[:100]!r}"
+            "invalid_host", "The Host header is not a valid host", log_detail={"host": host}
         ) from None
 
 
@@ -292,5 +292,5 @@ def check_htu(claimed: str, expected: str) -> None:
         raise InvalidDPoPProofError(
             "htu_mismatch",
             "DPoP proof htu does not match the request URI",
-            log_detail=f"expected htu={expected[:300]!r} received htu={normal[:300]!r}",
+            log_detail={"expected_htu": expected, "received_htu": normal},
         )

@@ -43,13 +43,13 @@ def check_path(path: str, route_path: str, max_length: int) -> None:
     """
     if len(path) > max_length or len(route_path) > max_length:
         raise InvalidRequestError(
-            "path_too_long", "The request path is too long", log_detail=f"length={len(path)}"
+            "path_too_long", "The request path is too long", log_detail={"length": str(len(path))}
         )
     if route_path[:2] == "//":
         raise InvalidRequestError(
             "double_slash_path",
             "The request path starts with an empty segment",
-            log_detail=f"path={path[:100]!r}",
+            log_detail={"path": path},
         )
     # Cheap pre-checks first: most paths hold no "." at all, and no "%2" outside escapes.
     if ("." in route_path and _DOT_DECODED.search(route_path)) or (
@@ -58,7 +58,7 @@ def check_path(path: str, route_path: str, max_length: int) -> None:
         raise InvalidRequestError(
             "dot_segment_path",
             "The request path holds a dot-segment",
-            log_detail=f"path={path[:100]!r}",
+            log_detail={"path": path},
         )
 
 

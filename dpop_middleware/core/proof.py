@@ -102,7 +102,7 @@ class ProofParser:
             raise InvalidDPoPProofError(
                 "jwk_invalid",
                 "DPoP proof jwk is not a usable key for its alg",
-                log_detail=f"jwk={str(exc)!r}",
+                log_detail={"jwk": str(exc)},
             ) from None
 
     def parse(self, value: str) -> Proof:

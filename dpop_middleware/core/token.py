@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -24,7 +25,12 @@ from joserfc.errors import JoseError
 from dpop_middleware.core.frozen import freeze
 from dpop_middleware.core.jose import COMPACT_JWS, MalformedError, b64encode, json_object
 from dpop_middleware.core.keys import LRU, IssuerKeys, JWKSFetchNeeded, ProofKey
-from dpop_middleware.errors import InvalidTokenError, Scheme, ServiceUnavailableError
+from dpop_middleware.errors import (
+    InvalidTokenError,
+    Scheme,
+    ServiceUnavailableError,
+    TokenVerifierError,
+)
 from dpop_middleware.settings import Settings
 
 _STRICT_TYPES = frozenset({"at+jwt", "application/at+jwt"})
@@ -38,6 +44,18 @@ _LAX_TYPES = _STRICT_TYPES | {"jwt", "application/jwt"}
 
 def _invalid(reason: str, description: str, scheme: Scheme) -> InvalidTokenError:
     return InvalidTokenError(reason, description, scheme=scheme)
+
+
+def _broken_verifier(returned: object) -> TokenVerifierError:
+    """A ``token_verifier`` that gave no mapping of claims: an awaitable (an async verifier the
+    settings could not recognise) is closed unawaited; the request is refused, never let through."""
+    if inspect.iscoroutine(returned):
+        returned.close()  # never run, and no "never awaited" warning
+    return TokenVerifierError(
+        "token_verifier_error",
+        "The access token cannot be checked right now",
+        log_detail={"returned": type(returned).__name__},
+    )
 
 
 def token_ath(token: str) -> bytes:
@@ -116,7 +134,7 @@ class AccessTokenChecker:
         if self._custom is not None:
             claims = self._custom(token)
             if not isinstance(claims, Mapping):
-                raise TypeError("token_verifier must return a mapping of claims")
+                raise _broken_verifier(claims)
             claims = _frozen(claims, scheme)
             # RFC 7662: an inactive token is no token.
             if "active" in claims and claims["active"] is not True:

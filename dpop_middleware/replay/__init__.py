@@ -1,7 +1,8 @@
 """Replay stores: the interface, the settings parser and the factory.
 
 ``replay_store`` setting: ``"memory://"`` (default; ``"memory://?max_entries=N"``), a dict
-``{"url": "memory://", "max_entries": N}``, or a ready store object that implements
+``{"url": "memory://", "max_entries": N}`` (without ``max_entries``, the cap is sized from the
+replay TTL the factory is given: :func:`~dpop_middleware.replay.memory.default_max_entries`), or a ready store object that implements
 :class:`ReplayStore` / :class:`AsyncReplayStore`. Redis: a ``redis://``, ``rediss://`` or
 ``unix://`` URL, a dict with such a ``url`` (or an application's ``client``) and options, or a
 redis-py client object; these are checked and built in :mod:`dpop_middleware.replay.redis`, the
@@ -22,6 +23,7 @@ from dpop_middleware.replay.memory import (
     DEFAULT_MAX_ENTRIES,
     AsyncMemoryReplayStore,
     MemoryReplayStore,
+    default_max_entries,
 )
 
 __all__ = [
@@ -104,8 +106,10 @@ def validate_replay_store_setting(value: Any) -> ReplayStoreConfig:
             unknown = set(options) - {"max_entries"}
             if unknown:
                 raise _fail(value, "for memory:// only 'max_entries'")
+            if "max_entries" not in options:  # sized from the replay TTL by the factory
+                return ReplayStoreConfig("memory", url, {"max_entries": None})
             try:
-                max_entries = int(options.get("max_entries", DEFAULT_MAX_ENTRIES))
+                max_entries = int(options["max_entries"])
             except (TypeError, ValueError):
                 raise _fail(value, "max_entries: a whole number >= 1") from None
             if max_entries < 1:
@@ -125,9 +129,18 @@ def validate_replay_store_setting(value: Any) -> ReplayStoreConfig:
     raise _fail(value)
 
 
-def create_sync_store(config: ReplayStoreConfig) -> ReplayStore:
+def _memory_cap(config: ReplayStoreConfig, replay_ttl: float | None) -> int:
+    explicit = config.options["max_entries"]
+    if explicit is not None:
+        return int(explicit)
+    return DEFAULT_MAX_ENTRIES if replay_ttl is None else default_max_entries(replay_ttl)
+
+
+def create_sync_store(config: ReplayStoreConfig, *, replay_ttl: float | None = None) -> ReplayStore:
+    """The store the setting names. ``replay_ttl`` (``Settings.replay_ttl``) sizes the memory
+    store's cap when the setting gives no ``max_entries``."""
     if config.kind == "memory":
-        return MemoryReplayStore(int(config.options["max_entries"]))
+        return MemoryReplayStore(_memory_cap(config, replay_ttl))
     if config.kind == "object":
         if not isinstance(config.client, ReplayStore):
             raise _fail(config.client, "a sync store (with add()/close()) for WSGI")
@@ -137,9 +150,12 @@ def create_sync_store(config: ReplayStoreConfig) -> ReplayStore:
     return RedisReplayStore.from_config(config)
 
 
-def create_async_store(config: ReplayStoreConfig) -> AsyncReplayStore:
+def create_async_store(
+    config: ReplayStoreConfig, *, replay_ttl: float | None = None
+) -> AsyncReplayStore:
+    """The async twin of :func:`create_sync_store`."""
     if config.kind == "memory":
-        return AsyncMemoryReplayStore(int(config.options["max_entries"]))
+        return AsyncMemoryReplayStore(_memory_cap(config, replay_ttl))
     if config.kind == "object":
         if not isinstance(config.client, AsyncReplayStore):
             raise _fail(config.client, "an async store (with async add()/aclose()) for ASGI")

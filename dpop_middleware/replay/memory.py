@@ -8,11 +8,13 @@ not a practical concern), which keeps a live entry well under 200 bytes.
 
 When ``max_entries`` live entries are held, new proofs are refused with
 :class:`~dpop_middleware.errors.ReplayStoreFullError` (a 503): evicting a live entry would let
-its proof be replayed.
+its proof be replayed. The cap bounds memory; :func:`default_max_entries` sizes it so that one
+process accepting proofs as fast as it can never reaches it within a replay window.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +22,26 @@ from collections.abc import Callable
 from dpop_middleware.errors import ReplayStoreFullError
 
 DEFAULT_MAX_ENTRIES = 1_000_000
+
+#: Accepted proofs per second that one process cannot reach. On the VM of the README's
+#: performance table a warm request costs 72 us of one core in the core alone (13,900/s; the
+#: fastest proof is ES256, and cryptography verifies holding the GIL, so one process verifies on
+#: one core at a time), and Starlette under uvicorn served 3,600/s with the middleware. 20,000/s
+#: is 1.4 times the first and 5.5 times the second: room for a faster core.
+MAX_PROOFS_PER_SECOND = 20_000
+
+
+def default_max_entries(ttl: float) -> int:
+    """The cap when the ``replay_store`` setting names none, for entries kept ``ttl`` seconds.
+
+    At least :data:`DEFAULT_MAX_ENTRIES`, and room for every proof one process can accept in
+    ``ttl`` (:data:`MAX_PROOFS_PER_SECOND`): otherwise one client at full speed fills the store
+    before its first entries expire (about 84 s for a million at 12,000/s, under the 901 s TTL of
+    a 300 s nonce lifetime), and then every client gets 503 until they do.
+    """
+    return max(DEFAULT_MAX_ENTRIES, math.ceil(ttl * MAX_PROOFS_PER_SECOND))
+
+
 _KEY_BYTES = 16
 
 
