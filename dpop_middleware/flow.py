@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from dpop_middleware.core.keys import JWKSFetchNeeded
+from dpop_middleware.core.keys import JWKSFetchNeeded, SkippedKey
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ReplayStoreError, ServiceUnavailableError
@@ -47,6 +47,8 @@ class Engine:
         self.settings = settings
         self.verifier = Verifier(settings)
         self._keys = self.verifier.keys  # the JWK Set holder, or None (fixed for the Engine's life)
+        if self._keys is not None:
+            _log_skipped(self._keys.uri, self._keys.skipped)  # from the ``jwks`` setting
         self._report_only = settings.mode == "report_only"
         self._sync_lock = threading.Lock()
         self._async_lock: asyncio.Lock | None = None
@@ -111,10 +113,12 @@ class Engine:
             keys.fetch_failed(now=now)
             return
         try:
-            keys.load(document, now=now)
+            skipped = keys.load(document, now=now)
         except ValueError:
             logger.error("dpop jwks_invalid uri=%s: the document is not a usable JWK Set", keys.uri)
             keys.fetch_failed(now=now)
+            return
+        _log_skipped(keys.uri, skipped)
 
     def _fetch(self, uri: str) -> Mapping[str, Any] | None:
         try:
@@ -199,6 +203,17 @@ class Engine:
         except DPoPError as error:
             return await self._refuse_async(request, error)
         return Outcome(pending.result, None, pending.response_headers)
+
+
+def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
+    """One line per key of the JWK Set that was not loaded: its kid and why (never the key)."""
+    for each in skipped:
+        logger.warning(
+            "dpop jwks_key_skipped uri=%s kid=%s: %s",
+            uri or "<jwks setting>",
+            _clip(each.kid) if each.kid is not None else "-",
+            each.reason,
+        )
 
 
 def _store_down(exc: ReplayStoreError) -> ServiceUnavailableError:

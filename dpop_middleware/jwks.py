@@ -26,7 +26,7 @@ def fetch_jwks(uri: str, timeout: float) -> dict[str, Any]:
         raise JWKSFetchError("JWKS document too large")
     try:
         document = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
         raise JWKSFetchError("JWKS document is not JSON") from exc
     if not isinstance(document, dict):
         raise JWKSFetchError("JWKS document is not an object")

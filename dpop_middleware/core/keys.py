@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey, RSAKey
+from joserfc.jwk import ECKey, JWKRegistry, OctKey, OKPKey, RSAKey
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -181,6 +181,14 @@ def import_proof_key(jwk: Mapping[str, Any], alg: str) -> ProofKey:
     raise UnusableKeyError(f"unsupported alg {alg}")
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedKey:
+    """A key of a JWK Set that was not loaded: its ``kid`` (if any) and why. Never key material."""
+
+    kid: str | None
+    reason: str
+
+
 class IssuerKeys:
     """The authorization server's JWK Set, from ``jwks`` or fetched from ``jwks_uri``.
 
@@ -206,28 +214,54 @@ class IssuerKeys:
         self.loaded_at = float("-inf")
         self.attempted_at = float("-inf")
         self.version = 0
+        #: What the last :meth:`load` skipped (the caller logs it).
+        self.skipped: tuple[SkippedKey, ...] = ()
         if jwks is not None:
             self.load(jwks, now=0.0)
             self.uri = None
 
-    def load(self, jwks: Mapping[str, Any], *, now: float) -> None:
-        """Install a JWK Set document. ValueError if it is not one (public, signing keys only)."""
+    def load(self, jwks: Mapping[str, Any], *, now: float) -> tuple[SkippedKey, ...]:
+        """Install a JWK Set document; return the keys it skipped (for the caller to log).
+
+        RFC 7517 section 5: keys of a type we do not understand, missing required members or with
+        values out of range are ignored, not fatal to the set; so are encryption keys. A key with
+        private members is skipped too (a public JWK Set never has them) and reported.
+        ValueError if the document is not a JWK Set.
+        """
         keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
         if not isinstance(keys, list):
             raise ValueError("not a JWK Set")
-        usable = [
-            dict(k) for k in keys
-            if isinstance(k, Mapping) and k.get("kty") in ("EC", "RSA", "OKP")
-            and k.get("use", "sig") == "sig" and not (PRIVATE_MEMBERS & set(k))
-        ]  # fmt: skip
-        try:
-            key_set = tuple(KeySet.import_key_set({"keys": usable}).keys) if usable else ()
-        except (JoseError, ValueError, TypeError) as exc:
-            raise ValueError("JWK Set has a malformed key") from exc
-        self.key_set = key_set
+        usable: list[ECKey | RSAKey | OKPKey | OctKey] = []
+        skipped: list[SkippedKey] = []
+        for entry in keys:
+            if not isinstance(entry, Mapping):
+                skipped.append(SkippedKey(None, "not a JSON object"))
+                continue
+            if entry.get("kty") not in ("EC", "RSA", "OKP") or entry.get("use", "sig") != "sig":
+                continue  # not for us (RFC 7517 section 5): ignored silently
+            kid = entry.get("kid")
+            kid = kid[:100] if isinstance(kid, str) else None
+            if PRIVATE_MEMBERS & set(entry):
+                skipped.append(SkippedKey(kid, "has private key members"))
+                continue
+            try:
+                key = JWKRegistry.import_key(dict(entry))
+                key.ensure_kid()
+            except JoseError as exc:
+                # joserfc's descriptions name the member ("'crv' is required"), never its value.
+                skipped.append(SkippedKey(kid, f"malformed: {str(exc.description)[:100]}"))
+                continue
+            except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+                skipped.append(SkippedKey(kid, f"malformed: {type(exc).__name__}"))
+                continue
+            assert isinstance(key, ECKey | RSAKey | OKPKey | OctKey)
+            usable.append(key)
+        self.key_set = tuple(usable)
         self.loaded_at = now
         self.attempted_at = now
         self.version += 1
+        self.skipped = tuple(skipped)
+        return self.skipped
 
     def fetch_failed(self, *, now: float) -> None:
         self.attempted_at = now

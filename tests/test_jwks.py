@@ -1,0 +1,164 @@
+"""The issuer's JWK Set over a real loopback HTTP server that misbehaves on purpose: malformed and
+hostile documents, bad keys beside good ones, empty sets, slow-drip answers, key rotation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from conftest import API, FrozenClock
+from core_helpers import Answer, Harness
+
+from dpop_middleware.testing import DPoPKey, TokenIssuer
+
+URL = API + "/items"
+
+
+class JWKSEndpoint:
+    """A loopback HTTP server answering GET with ``body`` (bytes, or a dict sent as JSON).
+
+    ``drip``: seconds between single bytes of the body (a slow-drip endpoint); ``status``: the
+    HTTP status. ``hits`` counts requests."""
+
+    def __init__(self, body: dict[str, Any] | bytes) -> None:
+        self.body = body
+        self.status = 200
+        self.drip = 0.0
+        self.hits = 0
+        self.closing = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.hits += 1
+                body = outer.body
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(outer.status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                if not outer.drip:
+                    self.wfile.write(data)
+                    return
+                self.wfile.flush()
+                for i in range(len(data)):
+                    if outer.closing.wait(outer.drip):
+                        return
+                    try:
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint(issuer: TokenIssuer) -> Iterator[JWKSEndpoint]:
+    server = JWKSEndpoint(issuer.jwks)
+    yield server
+    server.close()
+
+
+def uri_settings(issuer: TokenIssuer, clock: FrozenClock, url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "issuer": issuer.issuer,
+        "audience": issuer.audience,
+        "jwks_uri": url,
+        "clock": clock,
+        **extra,
+    }
+
+
+def call(h: Harness, issuer: TokenIssuer, key: DPoPKey, **token_kw: Any) -> Answer:
+    return h.dpop(key, issuer.token(bound_to=key, **token_kw), "GET", URL)
+
+
+def expect(answer: Answer, status: int, error: str | None, reason: str | None) -> None:
+    assert (answer.status, answer.error, answer.reason) == (status, error, reason)
+
+
+# -- issue 11 item 8: hostile documents, bad keys ------------------------------------------------
+
+
+def test_deeply_nested_jwk_set_is_a_failed_fetch(
+    endpoint: JWKSEndpoint,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """50,000 levels of nesting: a 503 (not a RecursionError), recorded as a failed fetch, so
+    the refetch rate limit holds."""
+    endpoint.body = b'{"keys":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    h = Harness(uri_settings(issuer, clock, endpoint.url))
+    for _ in range(3):
+        expect(call(h, issuer, dpop_key), 503, "temporarily_unavailable", "jwks_unavailable")
+    assert endpoint.hits == 1
+    assert "dpop jwks_fetch_failed" in caplog.text
+    endpoint.body = issuer.jwks
+    clock.advance(60)
+    expect(call(h, issuer, dpop_key), 200, None, None)
+
+
+def test_bad_keys_are_skipped_and_logged_good_ones_kept(
+    endpoint: JWKSEndpoint,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 7517 section 5: one bad key does not spoil the set."""
+    good = issuer.jwks["keys"][0]
+    no_crv = {k: v for k, v in good.items() if k != "crv"} | {"kid": "no-crv"}
+    endpoint.body = {
+        "keys": [
+            no_crv,
+            {"kty": "RSA", "kid": "n-number", "n": 12345, "e": "AQAB"},
+            {**good, "kid": "leaky", "d": "c2VjcmV0"},
+            "not an object",
+            good,
+        ]
+    }
+    caplog.set_level(logging.WARNING, logger="dpop_middleware")
+    h = Harness(uri_settings(issuer, clock, endpoint.url))
+    expect(call(h, issuer, dpop_key), 200, None, None)
+    expect(call(h, issuer, dpop_key, header={"kid": "no-crv"}), 401, "invalid_token", "unknown_kid")
+    lines = [r.getMessage() for r in caplog.records if "jwks_key_skipped" in r.getMessage()]
+    assert len(lines) == 4
+    assert "kid='no-crv': malformed: 'crv' is required" in lines[0]
+    assert "kid='n-number': malformed:" in lines[1] and "'n' must be a str" in lines[1]
+    assert "kid='leaky': has private key members" in lines[2]
+    assert "kid=-: not a JSON object" in lines[3]
+    assert good["x"] not in caplog.text and "c2VjcmV0" not in caplog.text
+
+
+def test_bad_key_in_the_jwks_setting_is_skipped_and_logged(
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = issuer.jwks["keys"][0]
+    settings = issuer.settings(clock=clock)
+    settings["jwks"] = {"keys": [{"kty": "EC", "kid": "bad", "crv": "P-256"}, good]}
+    h = Harness(settings)
+    expect(call(h, issuer, dpop_key), 200, None, None)
+    assert "dpop jwks_key_skipped uri=<jwks setting> kid='bad': malformed:" in caplog.text
