@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from dpop_middleware.core.keys import JWKSFetchNeeded, SkippedKey
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
-from dpop_middleware.errors import DPoPError, ReplayStoreError, ServiceUnavailableError
+from dpop_middleware.errors import DPoPError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
 from dpop_middleware.settings import Settings
@@ -168,7 +168,7 @@ class Engine:
             if pending.replay_key is not None:
                 try:
                     first = store.add(pending.replay_key, pending.ttl)
-                except ReplayStoreError as exc:
+                except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
                     self.verifier.finish(pending, first)  # raises: replayed
@@ -196,7 +196,7 @@ class Engine:
             if pending.replay_key is not None:
                 try:
                     first = await store.add(pending.replay_key, pending.ttl)
-                except ReplayStoreError as exc:
+                except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
                     self.verifier.finish(pending, first)  # raises: replayed
@@ -216,7 +216,7 @@ def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
         )
 
 
-def _store_down(exc: ReplayStoreError) -> ServiceUnavailableError:
+def _store_down(exc: Exception) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "replay_store_unavailable",
         "Replay protection is temporarily unavailable",

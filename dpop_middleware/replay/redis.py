@@ -9,7 +9,7 @@ Keys are ``key_prefix`` + the hex of the verifier's 32-byte replay key (BLAKE2b-
 key thumbprint and ``jti``): uniformly spread over Redis Cluster slots, and ``key_prefix`` may
 not contain ``{`` or ``}`` so it can never become a hash tag that pins every key to one slot.
 
-Fail closed: every Redis error or timeout becomes :class:`~dpop_middleware.errors.ReplayStoreError`
+Fail closed: every Redis error or timeout (indeed any exception the client raises) becomes :class:`~dpop_middleware.errors.ReplayStoreError`
 (the engine answers 503 with ``Retry-After``). Clients built here make exactly one attempt per
 request (redis-py's default retries with back-off would hold a request far past ``timeout``), live
 one per process (rebuilt after a fork, so workers never share a socket) and, for the async store,
@@ -619,7 +619,8 @@ class RedisReplayStore:
                 first = self._pinned_set(pinned, self.redis_key(key), px_for(ttl))
             else:
                 first = bool(client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl)))
-        except _REDIS_ERRORS as exc:
+        except Exception as exc:  # any failure of the client is a store failure: fail closed
+            # (redis-py has raised AttributeError mid-failover, not only its own errors)
             raise self._health.failed(exc) from exc
         if self._health.down:
             self._health.recovered()
@@ -745,7 +746,7 @@ class _Coalescer:
         conn, self._conn = self._conn, None
         if conn is not None:
             # It is being thrown away; the error that brought us here is the one reported.
-            with contextlib.suppress(*_REDIS_ERRORS):
+            with contextlib.suppress(Exception):
                 await conn.disconnect()
             await self._client.connection_pool.release(conn)
 
@@ -841,7 +842,8 @@ class AsyncRedisReplayStore:
                 reply = await coalescer.set_nx(self.redis_key(key), px_for(ttl))
             else:
                 reply = await client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl))
-        except _REDIS_ERRORS as exc:
+        except Exception as exc:  # any failure of the client is a store failure: fail closed
+            # (redis-py has raised AttributeError mid-failover, not only its own errors)
             raise self._health.failed(exc) from exc
         if self._health.down:
             self._health.recovered()
