@@ -3,17 +3,21 @@ hostile documents, bad keys beside good ones, empty sets, slow-drip answers, key
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 from conftest import API, FrozenClock
 from core_helpers import Answer, Harness
 
+from dpop_middleware import DPoPMiddleware, DPoPWSGIMiddleware
 from dpop_middleware.testing import DPoPKey, TokenIssuer
 
 URL = API + "/items"
@@ -46,8 +50,9 @@ class JWKSEndpoint:
                     self.wfile.write(data)
                     return
                 self.wfile.flush()
+                stop = time.monotonic() + 8  # bounded, so old code fails the test, not hangs it
                 for i in range(len(data)):
-                    if outer.closing.wait(outer.drip):
+                    if outer.closing.wait(outer.drip) or time.monotonic() > stop:
                         return
                     try:
                         self.wfile.write(data[i : i + 1])
@@ -61,7 +66,7 @@ class JWKSEndpoint:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -162,3 +167,96 @@ def test_bad_key_in_the_jwks_setting_is_skipped_and_logged(
     h = Harness(settings)
     expect(call(h, issuer, dpop_key), 200, None, None)
     assert "dpop jwks_key_skipped uri=<jwks setting> kid='bad': malformed:" in caplog.text
+
+
+# -- issue 12 item 3: a total deadline on the fetch ----------------------------------------------
+
+
+async def asgi_ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def wsgi_ok(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
+def _headers(issuer: TokenIssuer, key: DPoPKey) -> dict[str, str]:
+    token = issuer.token(bound_to=key)
+    proof = key.proof("GET", URL, access_token=token, iat=issuer.clock())
+    return {"Authorization": f"DPoP {token}", "DPoP": proof}
+
+
+def _assert_jwks_503(response: httpx.Response) -> None:
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"] == "temporarily_unavailable"
+
+
+DRIP_TIMEOUT = 2.0
+
+
+@pytest.fixture
+def drip(endpoint: JWKSEndpoint) -> JWKSEndpoint:
+    """One byte every 1.5 s: each read is well inside a 2 s socket timeout, the whole never is."""
+    endpoint.drip = 1.5
+    return endpoint
+
+
+def test_asgi_slow_drip_jwks_ends_at_the_deadline(
+    drip: JWKSEndpoint,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = uri_settings(issuer, clock, drip.url, jwks_fetch_timeout=DRIP_TIMEOUT)
+    app = DPoPMiddleware(asgi_ok, settings)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=API) as client:
+            # Three requests wait on the one fetch; all are answered at its deadline.
+            return await asyncio.gather(
+                *(client.get("/items", headers=_headers(issuer, dpop_key)) for _ in range(3))
+            )
+
+    started = time.monotonic()
+    responses = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    for response in responses:
+        _assert_jwks_503(response)
+    assert elapsed < DRIP_TIMEOUT + 1.0
+    assert drip.hits == 1
+    assert f"no complete answer within {DRIP_TIMEOUT:g} s" in caplog.text
+
+
+def test_wsgi_slow_drip_jwks_ends_at_the_deadline(
+    drip: JWKSEndpoint,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = uri_settings(issuer, clock, drip.url, jwks_fetch_timeout=DRIP_TIMEOUT)
+    app = DPoPWSGIMiddleware(wsgi_ok, settings)
+    responses: list[httpx.Response] = []
+
+    def one() -> None:
+        with httpx.Client(transport=httpx.WSGITransport(app=app), base_url=API) as client:
+            responses.append(client.get("/items", headers=_headers(issuer, dpop_key)))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    elapsed = time.monotonic() - started
+    assert len(responses) == 3
+    for response in responses:
+        _assert_jwks_503(response)
+    assert elapsed < DRIP_TIMEOUT + 1.0
+    assert drip.hits == 1
+    assert f"no complete answer within {DRIP_TIMEOUT:g} s" in caplog.text
