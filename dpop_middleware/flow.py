@@ -114,9 +114,16 @@ class Engine:
             return
         try:
             skipped = keys.load(document, now=now)
-        except ValueError:
-            logger.error("dpop jwks_invalid uri=%s: the document is not a usable JWK Set", keys.uri)
+        except ValueError as exc:
+            _log_skipped(keys.uri, keys.skipped)
             keys.fetch_failed(now=now)
+            logger.error(
+                "dpop jwks_invalid uri=%s: %s; %s, next attempt in %g s at the earliest",
+                keys.uri,
+                exc,
+                "keeping the last good JWK Set" if keys.key_set else "no JWK Set yet",
+                keys.retry_delay,
+            )
             return
         _log_skipped(keys.uri, skipped)
 

@@ -260,3 +260,67 @@ def test_wsgi_slow_drip_jwks_ends_at_the_deadline(
     assert elapsed < DRIP_TIMEOUT + 1.0
     assert drip.hits == 1
     assert f"no complete answer within {DRIP_TIMEOUT:g} s" in caplog.text
+
+
+# -- issue 12 item 4: a set with no usable key is a failed fetch ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "useless",
+    [
+        pytest.param({"keys": []}, id="empty"),
+        pytest.param({"keys": [{"kty": "EC", "kid": "k", "crv": "P-256"}]}, id="only-bad-keys"),
+        pytest.param({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, id="only-symmetric"),
+    ],
+)
+def test_useless_jwk_set_keeps_the_last_good_one_and_backs_off(
+    endpoint: JWKSEndpoint,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    clock: FrozenClock,
+    caplog: pytest.LogCaptureFixture,
+    useless: dict[str, Any],
+) -> None:
+    h = Harness(uri_settings(issuer, clock, endpoint.url, jwks_cache_ttl=300))
+    expect(call(h, issuer, dpop_key), 200, None, None)
+    assert endpoint.hits == 1
+
+    endpoint.body = useless
+    clock.advance(301)  # the set is due for refresh; the endpoint now answers a useless set
+    expect(call(h, issuer, dpop_key), 200, None, None)  # the last good set is kept
+    assert endpoint.hits == 2
+    assert "dpop jwks_invalid uri=" in caplog.text
+    assert "the JWK Set holds no usable signing key; keeping the last good JWK Set" in caplog.text
+    expect(call(h, issuer, dpop_key, header={"kid": "new"}), 401, "invalid_token", "unknown_kid")
+
+    # Back-off: 5 s, then 10 s, then 20 s between attempts while it stays useless.
+    for wait, fetched in ((4, 2), (1, 3), (9, 3), (1, 4), (19, 4), (1, 5)):
+        clock.advance(wait)
+        expect(call(h, issuer, dpop_key), 200, None, None)
+        assert endpoint.hits == fetched, (wait, fetched)
+
+    endpoint.body = issuer.jwks  # fixed: picked up at the next attempt, and the back-off resets
+    clock.advance(40)
+    expect(call(h, issuer, dpop_key), 200, None, None)
+    assert endpoint.hits == 6
+    keys = h.engine.verifier.keys
+    assert keys is not None and keys.failures == 0
+
+
+def test_useless_first_jwk_set_is_a_503(
+    endpoint: JWKSEndpoint, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    endpoint.body = {"keys": []}
+    h = Harness(uri_settings(issuer, clock, endpoint.url))
+    expect(call(h, issuer, dpop_key), 503, "temporarily_unavailable", "jwks_unavailable")
+    endpoint.body = issuer.jwks
+    clock.advance(5)
+    expect(call(h, issuer, dpop_key), 200, None, None)
+
+
+def test_jwks_setting_without_a_usable_key_stops_start_up(issuer: TokenIssuer) -> None:
+    from dpop_middleware import ConfigurationError
+
+    settings = issuer.settings(jwks={"keys": [{"kty": "EC", "kid": "k1", "crv": "P-256"}]})
+    with pytest.raises(ConfigurationError, match=r"no usable signing key .*kid 'k1': malformed"):
+        Harness(settings)

@@ -20,12 +20,16 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, OctKey, OKPKey, RSAKey
 
+from dpop_middleware.errors import ConfigurationError
+
 K = TypeVar("K")
 V = TypeVar("V")
 
 #: RFC 7517/7518 members that only a private (or symmetric) key has (RFC 9449 section 4.2).
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MIN_RSA_BITS = 2048
+#: The longest wait between two attempts to fetch a JWK Set after failures in a row.
+MAX_RETRY_DELAY = 30.0
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
@@ -196,6 +200,10 @@ class IssuerKeys:
     (in a thread, or with an async client) and hands the document back (:meth:`load` /
     :meth:`fetch_failed`). Fetches for unknown ``kid`` values are rate-limited by
     ``refresh_interval``, so a flood of bogus ``kid`` values cannot hammer the authorization server.
+
+    A failed fetch, or a fetched set with no usable key, keeps the last good set; the next
+    attempt waits ``min(refresh_interval, 5 s)``, doubling with each failure in a row up to
+    :data:`MAX_RETRY_DELAY`.
     """
 
     def __init__(
@@ -213,11 +221,20 @@ class IssuerKeys:
         self.key_set: tuple[ECKey | RSAKey | OKPKey | OctKey, ...] | None = None
         self.loaded_at = float("-inf")
         self.attempted_at = float("-inf")
+        #: Failed fetches in a row (a document that is not a usable JWK Set counts as one).
+        self.failures = 0
         self.version = 0
         #: What the last :meth:`load` skipped (the caller logs it).
         self.skipped: tuple[SkippedKey, ...] = ()
         if jwks is not None:
-            self.load(jwks, now=0.0)
+            try:
+                self.load(jwks, now=0.0)
+            except ValueError as exc:
+                skipped: tuple[SkippedKey, ...] = self.skipped
+                why = "; ".join(f"kid {each.kid!r}: {each.reason}" for each in skipped)
+                raise ConfigurationError(
+                    f"dpop_middleware setting 'jwks': {exc}" + (f" ({why})" if why else "")
+                ) from exc
             self.uri = None
 
     def load(self, jwks: Mapping[str, Any], *, now: float) -> tuple[SkippedKey, ...]:
@@ -226,8 +243,10 @@ class IssuerKeys:
         RFC 7517 section 5: keys of a type we do not understand, missing required members or with
         values out of range are ignored, not fatal to the set; so are encryption keys. A key with
         private members is skipped too (a public JWK Set never has them) and reported.
-        ValueError if the document is not a JWK Set.
+        ValueError if the document is not a JWK Set or holds no usable key: the caller then
+        reports a failed fetch, and the last good set stays.
         """
+        self.skipped = ()
         keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
         if not isinstance(keys, list):
             raise ValueError("not a JWK Set")
@@ -256,32 +275,38 @@ class IssuerKeys:
                 continue
             assert isinstance(key, ECKey | RSAKey | OKPKey | OctKey)
             usable.append(key)
+        self.skipped = tuple(skipped)
+        if not usable:
+            raise ValueError("the JWK Set holds no usable signing key")
         self.key_set = tuple(usable)
         self.loaded_at = now
         self.attempted_at = now
+        self.failures = 0
         self.version += 1
-        self.skipped = tuple(skipped)
         return self.skipped
 
     def fetch_failed(self, *, now: float) -> None:
         self.attempted_at = now
+        self.failures += 1
+
+    @property
+    def retry_delay(self) -> float:
+        """Seconds from the last attempt before the next one, after failures in a row."""
+        base = min(self.refresh_interval, 5.0)
+        if self.failures <= 1:
+            return base
+        return min(base * 2.0 ** min(self.failures - 1, 30), max(MAX_RETRY_DELAY, base))
 
     def fetch_due(self, kid: str | None, *, now: float) -> bool:
         """Whether the adapter should fetch ``jwks_uri`` before this token can be checked."""
         if self.uri is None:
             return False
-        if self.key_set is None:
-            return now - self.attempted_at >= min(self.refresh_interval, 5.0)
-        if (
-            now - self.loaded_at >= self.cache_ttl
-            and now - self.attempted_at >= self.refresh_interval
-        ):
+        since = now - self.attempted_at
+        if self.failures and since < self.retry_delay:
+            return False  # back off after failed fetches
+        if self.key_set is None or now - self.loaded_at >= self.cache_ttl:
             return True
-        return (
-            kid is not None
-            and self.find(kid) is None
-            and now - self.attempted_at >= self.refresh_interval
-        )
+        return kid is not None and self.find(kid) is None and since >= self.refresh_interval
 
     def find(self, kid: str) -> ECKey | RSAKey | OKPKey | OctKey | None:
         """The loaded key with this ``kid``, or None."""
