@@ -324,3 +324,47 @@ def test_jwks_setting_without_a_usable_key_stops_start_up(issuer: TokenIssuer) -
     settings = issuer.settings(jwks={"keys": [{"kty": "EC", "kid": "k1", "crv": "P-256"}]})
     with pytest.raises(ConfigurationError, match=r"no usable signing key .*kid 'k1': malformed"):
         Harness(settings)
+
+
+# -- issue 11 item 9: no cached token outlives the key that verified it ---------------------------
+
+
+def test_cached_token_of_a_retired_key_is_refused_after_the_refresh_time(
+    endpoint: JWKSEndpoint, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    other = TokenIssuer(audience=API, kid="k2", clock=clock)
+    endpoint.body = {"keys": issuer.jwks["keys"] + other.jwks["keys"]}
+    h = Harness(uri_settings(issuer, clock, endpoint.url, jwks_cache_ttl=300))
+    old = issuer.token(bound_to=dpop_key, lifetime=3600)
+    new = other.token(bound_to=dpop_key, lifetime=3600)
+    for token in (old, new, old, new):  # both verified, then served from the cache
+        expect(h.dpop(dpop_key, token, "GET", URL), 200, None, None)
+    assert endpoint.hits == 1
+
+    endpoint.body = other.jwks  # the issuer retires its first key
+    clock.advance(299)
+    expect(h.dpop(dpop_key, old, "GET", URL), 200, None, None)  # within the cache TTL
+    assert endpoint.hits == 1
+    clock.advance(2)
+    # The same Authorization value, a cache hit until now: the set is due, so it is refetched.
+    expect(h.dpop(dpop_key, old, "GET", URL), 401, "invalid_token", "unknown_kid")
+    assert endpoint.hits == 2
+    expect(h.dpop(dpop_key, new, "GET", URL), 200, None, None)
+    assert endpoint.hits == 2
+
+
+def test_an_unchanged_set_keeps_the_token_cache(
+    endpoint: JWKSEndpoint, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    h = Harness(uri_settings(issuer, clock, endpoint.url, jwks_cache_ttl=300))
+    token = issuer.token(bound_to=dpop_key, lifetime=3600)
+    expect(h.dpop(dpop_key, token, "GET", URL), 200, None, None)
+    tokens = h.engine.verifier._tokens
+    keys = tokens.keys
+    assert keys is not None
+    version = keys.version
+    clock.advance(301)
+    expect(h.dpop(dpop_key, token, "GET", URL), 200, None, None)
+    assert endpoint.hits == 2
+    assert keys.version == version  # refetched, same keys: cached entries stay valid
+    assert tokens.cached(f"DPoP {token}", clock.now) is not None

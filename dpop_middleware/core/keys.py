@@ -8,6 +8,7 @@ and a client sends the same key on every request.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -223,7 +224,9 @@ class IssuerKeys:
         self.attempted_at = float("-inf")
         #: Failed fetches in a row (a document that is not a usable JWK Set counts as one).
         self.failures = 0
+        #: Bumped whenever the loaded keys change; cached tokens carry the version they passed.
         self.version = 0
+        self._fingerprint: tuple[str, ...] = ()
         #: What the last :meth:`load` skipped (the caller logs it).
         self.skipped: tuple[SkippedKey, ...] = ()
         if jwks is not None:
@@ -278,11 +281,16 @@ class IssuerKeys:
         self.skipped = tuple(skipped)
         if not usable:
             raise ValueError("the JWK Set holds no usable signing key")
+        fingerprint = tuple(
+            sorted(json.dumps(key.as_dict(private=False), sort_keys=True) for key in usable)
+        )
+        if fingerprint != self._fingerprint:  # the same set again keeps cached tokens valid
+            self._fingerprint = fingerprint
+            self.version += 1
         self.key_set = tuple(usable)
         self.loaded_at = now
         self.attempted_at = now
         self.failures = 0
-        self.version += 1
         return self.skipped
 
     def fetch_failed(self, *, now: float) -> None:
