@@ -368,3 +368,70 @@ def test_an_unchanged_set_keeps_the_token_cache(
     assert endpoint.hits == 2
     assert keys.version == version  # refetched, same keys: cached entries stay valid
     assert tokens.cached(f"DPoP {token}", clock.now) is not None
+
+
+# -- issue 12 item 5: key rotation with the default settings --------------------------------------
+
+
+def test_new_kid_is_accepted_within_5_s_of_first_use(
+    endpoint: JWKSEndpoint, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    h = Harness(uri_settings(issuer, clock, endpoint.url))
+    expect(call(h, issuer, dpop_key), 200, None, None)
+    rotated = TokenIssuer(audience=API, kid="k2", clock=clock)
+    endpoint.body = {"keys": issuer.jwks["keys"] + rotated.jwks["keys"]}
+    clock.advance(2)  # first used 2 s after the last fetch: refused until 5 s have passed
+    expect(call(h, rotated, dpop_key), 401, "invalid_token", "unknown_kid")
+    clock.advance(2.9)
+    expect(call(h, rotated, dpop_key), 401, "invalid_token", "unknown_kid")
+    assert endpoint.hits == 1
+    clock.advance(0.1)
+    expect(call(h, rotated, dpop_key), 200, None, None)
+    assert endpoint.hits == 2
+
+    third = TokenIssuer(audience=API, kid="k3", clock=clock)
+    endpoint.body = {"keys": rotated.jwks["keys"] + third.jwks["keys"]}
+    clock.advance(60)  # first used long after the last fetch: accepted at once
+    expect(call(h, third, dpop_key), 200, None, None)
+    assert endpoint.hits == 3
+
+
+def test_unknown_kid_flood_costs_a_bounded_number_of_fetches(
+    endpoint: JWKSEndpoint, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    h = Harness(uri_settings(issuer, clock, endpoint.url))
+    expect(call(h, issuer, dpop_key), 200, None, None)
+    clock.advance(10)
+    fetches_at = []
+    for i in range(400):  # 4 bogus kids a second for 100 s, then the rest of a quiet 5 minutes
+        hits = endpoint.hits
+        expect(call(h, issuer, dpop_key, header={"kid": f"bogus-{i}"}), 401, "invalid_token",
+               "unknown_kid")  # fmt: skip
+        if endpoint.hits != hits:
+            fetches_at.append(i / 4)
+        clock.advance(0.25)
+    # 5 s, 10 s, 20 s, 40 s, then one a minute.
+    assert fetches_at == [0, 5, 15, 35, 75]
+    # The flood over, a real new key: within a minute of the last fetch (the back-off cap)...
+    rotated = TokenIssuer(audience=API, kid="k2", clock=clock)
+    endpoint.body = {"keys": issuer.jwks["keys"] + rotated.jwks["keys"]}
+    clock.advance(60 - 25)  # 60 s after the fetch at 75 s (now at 100 s)
+    expect(call(h, rotated, dpop_key), 200, None, None)
+    # ... and a set that changed resets the back-off.
+    keys = h.engine.verifier.keys
+    assert keys is not None and keys.fruitless == 0
+
+
+def test_removed_kid_is_refused_within_5_minutes_by_default(
+    endpoint: JWKSEndpoint, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    rotated = TokenIssuer(audience=API, kid="k2", clock=clock)
+    endpoint.body = {"keys": issuer.jwks["keys"] + rotated.jwks["keys"]}
+    h = Harness(uri_settings(issuer, clock, endpoint.url))  # default jwks_cache_ttl
+    token = issuer.token(bound_to=dpop_key, lifetime=3600)
+    expect(h.dpop(dpop_key, token, "GET", URL), 200, None, None)
+    endpoint.body = rotated.jwks  # the first key is removed
+    clock.advance(299)
+    expect(h.dpop(dpop_key, token, "GET", URL), 200, None, None)
+    clock.advance(1)
+    expect(h.dpop(dpop_key, token, "GET", URL), 401, "invalid_token", "unknown_kid")

@@ -31,6 +31,8 @@ PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MIN_RSA_BITS = 2048
 #: The longest wait between two attempts to fetch a JWK Set after failures in a row.
 MAX_RETRY_DELAY = 30.0
+#: The longest wait between two fetches asked for by unknown ``kid`` values.
+MAX_UNKNOWN_KID_DELAY = 60.0
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
@@ -199,8 +201,9 @@ class IssuerKeys:
 
     The core does no I/O: it says when a fetch is due (:meth:`fetch_due`), and the adapter fetches
     (in a thread, or with an async client) and hands the document back (:meth:`load` /
-    :meth:`fetch_failed`). Fetches for unknown ``kid`` values are rate-limited by
-    ``refresh_interval``, so a flood of bogus ``kid`` values cannot hammer the authorization server.
+    :meth:`fetch_failed`). The set is refetched every ``cache_ttl``, and when a token names an
+    unknown ``kid`` (rate-limited by :meth:`unknown_kid_delay`, so a flood of bogus ``kid`` values
+    cannot hammer the authorization server).
 
     A failed fetch, or a fetched set with no usable key, keeps the last good set; the next
     attempt waits ``min(refresh_interval, 5 s)``, doubling with each failure in a row up to
@@ -227,6 +230,9 @@ class IssuerKeys:
         #: Bumped whenever the loaded keys change; cached tokens carry the version they passed.
         self.version = 0
         self._fingerprint: tuple[str, ...] = ()
+        #: Fetches in a row, asked for by an unknown ``kid``, that brought no change.
+        self.fruitless = 0
+        self._for_unknown_kid = False
         #: What the last :meth:`load` skipped (the caller logs it).
         self.skipped: tuple[SkippedKey, ...] = ()
         if jwks is not None:
@@ -287,6 +293,10 @@ class IssuerKeys:
         if fingerprint != self._fingerprint:  # the same set again keeps cached tokens valid
             self._fingerprint = fingerprint
             self.version += 1
+            self.fruitless = 0
+        elif self._for_unknown_kid:
+            self.fruitless += 1
+        self._for_unknown_kid = False
         self.key_set = tuple(usable)
         self.loaded_at = now
         self.attempted_at = now
@@ -296,6 +306,7 @@ class IssuerKeys:
     def fetch_failed(self, *, now: float) -> None:
         self.attempted_at = now
         self.failures += 1
+        self._for_unknown_kid = False
 
     @property
     def retry_delay(self) -> float:
@@ -314,7 +325,25 @@ class IssuerKeys:
             return False  # back off after failed fetches
         if self.key_set is None or now - self.loaded_at >= self.cache_ttl:
             return True
-        return kid is not None and self.find(kid) is None and since >= self.refresh_interval
+        if kid is None or self.find(kid) is not None or since < self.unknown_kid_delay(since):
+            return False
+        self._for_unknown_kid = True
+        return True
+
+    def unknown_kid_delay(self, since: float) -> float:
+        """Seconds from the last fetch before an unknown ``kid`` may cause another.
+
+        ``refresh_interval``, doubled for each such fetch in a row that brought no new key, up
+        to :data:`MAX_UNKNOWN_KID_DELAY`; a quiet spell of twice that starts over. A flood of
+        bogus ``kid`` values costs 5 fetches in its first 90 s and then one a minute (with the
+        5 s default), while a real new key is fetched at its first use, or within
+        ``refresh_interval`` of the last fetch.
+        """
+        base = self.refresh_interval
+        cap = max(MAX_UNKNOWN_KID_DELAY, base)
+        if not self.fruitless or since >= 2 * cap:
+            return base
+        return min(base * 2.0 ** min(self.fruitless - 1, 30), cap)
 
     def find(self, kid: str) -> ECKey | RSAKey | OKPKey | OctKey | None:
         """The loaded key with this ``kid``, or None."""
