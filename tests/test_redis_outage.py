@@ -231,3 +231,58 @@ def test_a_store_object_that_raises_is_a_503(
     assert_unavailable(response)
     assert "reason=replay_store_unavailable status=503" in caplog.text
     assert "cause=KeyError: 'bug'" in caplog.text
+
+
+# -- state-change logs are rate-limited (issue 12 item 6) -----------------------------------------
+
+
+def test_a_flapping_store_logs_a_handful_of_lines(
+    private_redis: RedisServer, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover that flaps: 20 short outages in 10 s give one down and one recovered line;
+    the next outage after the quiet time is logged with the count of those not logged."""
+    import os
+
+    import redis
+    from conftest import FrozenClock
+
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay import create_sync_store, validate_replay_store_setting
+
+    caplog.set_level(logging.INFO, logger="dpop_middleware")
+    admin = redis.Redis(port=private_redis.port)
+    store = create_sync_store(
+        validate_replay_store_setting(
+            {"url": private_redis.url, "key_prefix": key_prefix, "timeout": TIMEOUT}
+        )
+    )
+    clock = FrozenClock(1000.0)
+    store._health.clock = clock  # type: ignore[attr-defined]
+
+    def flap() -> None:
+        # A real refusal from Redis: writes need a replica it does not have.
+        admin.config_set("min-replicas-to-write", 1)
+        with pytest.raises(ReplayStoreError, match="NOREPLICAS"):
+            store.add(os.urandom(32), 5)
+        admin.config_set("min-replicas-to-write", 0)
+        assert store.add(os.urandom(32), 5) is True
+
+    def lines(name: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if f"dpop {name}" in r.getMessage()]
+
+    try:
+        for _ in range(20):
+            flap()
+            clock.advance(0.5)
+        assert len(lines("replay_store_down")) == 1
+        assert len(lines("replay_store_recovered")) == 1
+        clock.advance(30)
+        flap()
+        down = lines("replay_store_down")
+        assert len(down) == 2
+        assert down[1].endswith("(19 more short outages not logged before this line)")
+        assert len(lines("replay_store_recovered")) == 2
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()
+        store.close()
