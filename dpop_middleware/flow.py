@@ -14,10 +14,10 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from dpop_middleware.core.keys import JWKSFetchNeeded
+from dpop_middleware.core.keys import JWKSFetchNeeded, SkippedKey
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
-from dpop_middleware.errors import DPoPError, ReplayStoreError, ServiceUnavailableError
+from dpop_middleware.errors import DPoPError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
 from dpop_middleware.settings import Settings
@@ -62,6 +62,8 @@ class Engine:
         self.settings = settings
         self.verifier = Verifier(settings)
         self._keys = self.verifier.keys  # the JWK Set holder, or None (fixed for the Engine's life)
+        if self._keys is not None:
+            _log_skipped(self._keys.uri, self._keys.skipped)  # from the ``jwks`` setting
         self._report_only = settings.mode == "report_only"
         self._sync_lock = threading.Lock()
         self._async_lock: asyncio.Lock | None = None
@@ -128,10 +130,19 @@ class Engine:
             keys.fetch_failed(now=now)
             return
         try:
-            keys.load(document, now=now)
-        except ValueError:
-            logger.error("dpop jwks_invalid uri=%s: the document is not a usable JWK Set", keys.uri)
+            skipped = keys.load(document, now=now)
+        except ValueError as exc:
+            _log_skipped(keys.uri, keys.skipped)
             keys.fetch_failed(now=now)
+            logger.error(
+                "dpop jwks_invalid uri=%s: %s; %s, next attempt in %g s at the earliest",
+                keys.uri,
+                exc,
+                "keeping the last good JWK Set" if keys.key_set else "no JWK Set yet",
+                keys.retry_delay,
+            )
+            return
+        _log_skipped(keys.uri, skipped)
 
     def _fetch(self, uri: str) -> Mapping[str, Any] | None:
         try:
@@ -181,7 +192,7 @@ class Engine:
             if pending.replay_key is not None:
                 try:
                     first = store.add(pending.replay_key, pending.ttl)
-                except ReplayStoreError as exc:
+                except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
                     self.verifier.finish(pending, first)  # raises: replayed
@@ -209,7 +220,7 @@ class Engine:
             if pending.replay_key is not None:
                 try:
                     first = await store.add(pending.replay_key, pending.ttl)
-                except ReplayStoreError as exc:
+                except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
                     self.verifier.finish(pending, first)  # raises: replayed
@@ -218,7 +229,18 @@ class Engine:
         return Outcome(pending.result, None, pending.response_headers)
 
 
-def _store_down(exc: ReplayStoreError) -> ServiceUnavailableError:
+def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
+    """One line per key of the JWK Set that was not loaded: its kid and why (never the key)."""
+    for each in skipped:
+        logger.warning(
+            "dpop jwks_key_skipped uri=%s kid=%s: %s",
+            uri or "<jwks setting>",
+            _clip(each.kid) if each.kid is not None else "-",
+            each.reason,
+        )
+
+
+def _store_down(exc: Exception) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "replay_store_unavailable",
         "Replay protection is temporarily unavailable",

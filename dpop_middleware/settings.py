@@ -72,8 +72,8 @@ class Settings:
     audience: tuple[str, ...] = ()
     jwks: Mapping[str, Any] | None = None
     jwks_uri: str | None = None
-    jwks_cache_ttl: float = 3600.0
-    jwks_refresh_interval: float = 30.0
+    jwks_cache_ttl: float = 300.0
+    jwks_refresh_interval: float = 5.0
     jwks_fetch_timeout: float = 5.0
     token_verifier: TokenVerifier | None = None
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
@@ -392,8 +392,8 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         audience=audience,
         jwks=jwks,
         jwks_uri=jwks_uri,
-        jwks_cache_ttl=_number(raw, "jwks_cache_ttl", 3600, low=1, high=86400 * 7),
-        jwks_refresh_interval=_number(raw, "jwks_refresh_interval", 30, low=1, high=86400),
+        jwks_cache_ttl=_number(raw, "jwks_cache_ttl", 300, low=1, high=86400 * 7),
+        jwks_refresh_interval=_number(raw, "jwks_refresh_interval", 5, low=1, high=86400),
         jwks_fetch_timeout=_number(raw, "jwks_fetch_timeout", 5, low=0.1, high=60),
         token_verifier=token_verifier,
         algorithms=_algorithms(raw, "algorithms", DEFAULT_ALGORITHMS),

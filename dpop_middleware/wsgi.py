@@ -16,7 +16,7 @@ from typing import Any
 
 from dpop_middleware.core.request import RequestInfo, encoded_path
 from dpop_middleware.flow import Engine
-from dpop_middleware.replay import create_sync_store
+from dpop_middleware.replay import MemoryReplayStore, create_sync_store
 from dpop_middleware.replay.base import ReplayStore
 from dpop_middleware.settings import Settings
 
@@ -79,8 +79,13 @@ class DPoPWSGIMiddleware:
             if store is not None
             else create_sync_store(self.settings.replay_store, replay_ttl=self.settings.replay_ttl)
         )
+        self._first_request = True
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self._first_request:  # PEP 3333: the server says whether other processes serve too
+            self._first_request = False
+            if environ.get("wsgi.multiprocess") and isinstance(self.store, MemoryReplayStore):
+                self.store.warn_shared("the WSGI server runs several processes (wsgi.multiprocess)")
         outcome = self.engine.run_sync(request_info(environ), self.store)
         refusal = outcome.refusal
         if refusal is not None:

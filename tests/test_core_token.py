@@ -479,7 +479,8 @@ def test_jwks_key_rotation_empties_the_token_cache(
     assert h.dpop(dpop_key, token, "GET", URL).status == 200
     keys = h.engine.verifier.keys
     assert keys is not None
-    keys.load({"keys": []}, now=clock.now)  # the issuer's key was withdrawn
+    rotated = TokenIssuer(audience=API, kid="key-2", clock=clock)
+    keys.load(rotated.jwks, now=clock.now)  # the issuer's key was withdrawn
     expect(h.dpop(dpop_key, token, "GET", URL), "unknown_kid")
 
 

@@ -135,3 +135,154 @@ def test_wsgi_outage(
             )  # fmt: skip
         finally:
             app.store.close()
+
+
+# -- any exception from the client is a store failure (issue 12 item 2) ---------------------------
+
+
+def _broken_set(response: Any, **options: Any) -> Any:
+    """A SET reply callback that fails as redis-py itself did mid-failover (an AttributeError
+    from inside the client, not a RedisError)."""
+    raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+
+def _assert_503_one_line(response: httpx.Response, caplog: pytest.LogCaptureFixture) -> None:
+    assert_unavailable(response)
+    refused = [r for r in caplog.records if "reason=replay_store_unavailable" in r.getMessage()]
+    assert len(refused) == 1
+    assert "cause=\"ReplayStoreError: redis SET NX failed" in refused[0].getMessage()
+    assert "AttributeError" in refused[0].getMessage()
+    assert all(r.exc_info is None for r in caplog.records)  # no traceback anywhere
+
+
+def test_asgi_any_client_exception_is_a_503(
+    private_redis: RedisServer,
+    make_settings: Callable[..., dict[str, Any]],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import redis.asyncio
+
+    token = issuer.token(bound_to=dpop_key)
+
+    async def run() -> httpx.Response:
+        client = redis.asyncio.Redis(port=private_redis.port, socket_timeout=TIMEOUT)
+        client.set_response_callback("SET", _broken_set)
+        store = {"client": client, "key_prefix": key_prefix}
+        app = DPoPMiddleware(asgi_ok, make_settings(replay_store=store))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=API) as http:
+            proof = dpop_key.proof("GET", f"{API}/items", access_token=token)
+            response = await http.get(
+                "/items", headers={"Authorization": f"DPoP {token}", "DPoP": proof}
+            )
+        await client.aclose()
+        return response
+
+    _assert_503_one_line(asyncio.run(run()), caplog)
+
+
+def test_wsgi_any_client_exception_is_a_503(
+    private_redis: RedisServer,
+    make_settings: Callable[..., dict[str, Any]],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import redis
+
+    client = redis.Redis(port=private_redis.port, socket_timeout=TIMEOUT)
+    client.set_response_callback("SET", _broken_set)
+    app = DPoPWSGIMiddleware(
+        wsgi_ok, make_settings(replay_store={"client": client, "key_prefix": key_prefix})
+    )
+    token = issuer.token(bound_to=dpop_key)
+    proof = dpop_key.proof("GET", f"{API}/items", access_token=token)
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url=API) as http:
+        response = http.get("/items", headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+    client.close()
+    _assert_503_one_line(response, caplog)
+
+
+class _BuggyStore:
+    """An application's own store object with a bug: still a 503, never a 500."""
+
+    def add(self, key: bytes, ttl: float) -> bool:
+        raise KeyError("bug")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_store_object_that_raises_is_a_503(
+    make_settings: Callable[..., dict[str, Any]],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = DPoPWSGIMiddleware(wsgi_ok, make_settings(replay_store=_BuggyStore()))
+    token = issuer.token(bound_to=dpop_key)
+    proof = dpop_key.proof("GET", f"{API}/items", access_token=token)
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url=API) as http:
+        response = http.get("/items", headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+    assert_unavailable(response)
+    assert "reason=replay_store_unavailable status=503" in caplog.text
+    assert 'cause="KeyError: \'bug\'"' in caplog.text
+
+
+# -- state-change logs are rate-limited (issue 12 item 6) -----------------------------------------
+
+
+def test_a_flapping_store_logs_a_handful_of_lines(
+    private_redis: RedisServer, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover that flaps: 20 short outages in 10 s give one down and one recovered line;
+    the next outage after the quiet time is logged with the count of those not logged."""
+    import os
+
+    import redis
+    from conftest import FrozenClock
+
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay import create_sync_store, validate_replay_store_setting
+
+    caplog.set_level(logging.INFO, logger="dpop_middleware")
+    admin = redis.Redis(port=private_redis.port)
+    store = create_sync_store(
+        validate_replay_store_setting(
+            {"url": private_redis.url, "key_prefix": key_prefix, "timeout": TIMEOUT}
+        )
+    )
+    clock = FrozenClock(1000.0)
+    store._health.clock = clock  # type: ignore[attr-defined]
+
+    def flap() -> None:
+        # A real refusal from Redis: writes need a replica it does not have.
+        admin.config_set("min-replicas-to-write", 1)
+        with pytest.raises(ReplayStoreError, match="NOREPLICAS"):
+            store.add(os.urandom(32), 5)
+        admin.config_set("min-replicas-to-write", 0)
+        assert store.add(os.urandom(32), 5) is True
+
+    def lines(name: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if f"dpop {name}" in r.getMessage()]
+
+    try:
+        for _ in range(20):
+            flap()
+            clock.advance(0.5)
+        assert len(lines("replay_store_down")) == 1
+        assert len(lines("replay_store_recovered")) == 1
+        clock.advance(30)
+        flap()
+        down = lines("replay_store_down")
+        assert len(down) == 2
+        assert down[1].endswith("(19 more short outages not logged before this line)")
+        assert len(lines("replay_store_recovered")) == 2
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()
+        store.close()

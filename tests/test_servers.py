@@ -356,3 +356,28 @@ def test_a_path_escape_that_is_not_utf8_is_compared_as_sent(server: tuple[str, S
     assert status == 404, body
     status, body = raw_request(srv.port, b"/me%FF", headers_for(key, srv.url("/me%EF%BF%BD")))
     assert status == 401, body
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        pytest.param(("--workers", "2"), "(wsgi.multiprocess)", id="two-workers"),
+        pytest.param(("--preload",), "was forked after the store was built", id="preload"),
+    ],
+)
+def test_memory_store_under_several_workers_warns_once(
+    tmp_path: Path, extra: tuple[str, ...], why: str
+) -> None:
+    """The examples use the memory store: gunicorn says it runs several processes, or forks the
+    workers after the store was built; each worker warns once, at its first request."""
+    log = tmp_path / "server.log"
+    with running("gunicorn", "examples.flask_app:app", *extra, log=log) as port:
+        key = DPoPKey.generate()
+        for _ in range(3):
+            status, _, body = example_client.call(f"http://127.0.0.1:{port}/me", key=key)
+            assert status == 200, body
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if "dpop memory_replay_store_not_shared" in line]
+    assert 1 <= len(lines) <= 2, text  # one per worker that served a request
+    assert why in lines[0]
+    assert "use a Redis replay_store" in lines[0]

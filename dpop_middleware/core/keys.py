@@ -8,6 +8,7 @@ and a client sends the same key on every request.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey, RSAKey
+from joserfc.jwk import ECKey, JWKRegistry, OctKey, OKPKey, RSAKey
 
 from dpop_middleware.core.jose import MalformedError, b64decode
+from dpop_middleware.errors import ConfigurationError
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -32,6 +34,10 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 #: RFC 8017 section 3.1 allows any odd exponent below ``n``; clients use 65537.
 MAX_RSA_EXPONENT = 2**32
+#: The longest wait between two attempts to fetch a JWK Set after failures in a row.
+MAX_RETRY_DELAY = 30.0
+#: The longest wait between two fetches asked for by unknown ``kid`` values.
+MAX_UNKNOWN_KID_DELAY = 60.0
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
@@ -226,13 +232,26 @@ def import_proof_key(jwk: Mapping[str, Any], alg: str) -> ProofKey:
     raise UnusableKeyError(f"unsupported alg {alg}")
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedKey:
+    """A key of a JWK Set that was not loaded: its ``kid`` (if any) and why. Never key material."""
+
+    kid: str | None
+    reason: str
+
+
 class IssuerKeys:
     """The authorization server's JWK Set, from ``jwks`` or fetched from ``jwks_uri``.
 
     The core does no I/O: it says when a fetch is due (:meth:`fetch_due`), and the adapter fetches
     (in a thread, or with an async client) and hands the document back (:meth:`load` /
-    :meth:`fetch_failed`). Fetches for unknown ``kid`` values are rate-limited by
-    ``refresh_interval``, so a flood of bogus ``kid`` values cannot hammer the authorization server.
+    :meth:`fetch_failed`). The set is refetched every ``cache_ttl``, and when a token names an
+    unknown ``kid`` (rate-limited by :meth:`unknown_kid_delay`, so a flood of bogus ``kid`` values
+    cannot hammer the authorization server).
+
+    A failed fetch, or a fetched set with no usable key, keeps the last good set; the next
+    attempt waits ``min(refresh_interval, 5 s)``, doubling with each failure in a row up to
+    :data:`MAX_RETRY_DELAY`.
     """
 
     def __init__(
@@ -250,49 +269,125 @@ class IssuerKeys:
         self.key_set: tuple[ECKey | RSAKey | OKPKey | OctKey, ...] | None = None
         self.loaded_at = float("-inf")
         self.attempted_at = float("-inf")
+        #: Failed fetches in a row (a document that is not a usable JWK Set counts as one).
+        self.failures = 0
+        #: Bumped whenever the loaded keys change; cached tokens carry the version they passed.
         self.version = 0
+        self._fingerprint: tuple[str, ...] = ()
+        #: Fetches in a row, asked for by an unknown ``kid``, that brought no change.
+        self.fruitless = 0
+        self._for_unknown_kid = False
+        #: What the last :meth:`load` skipped (the caller logs it).
+        self.skipped: tuple[SkippedKey, ...] = ()
         if jwks is not None:
-            self.load(jwks, now=0.0)
+            try:
+                self.load(jwks, now=0.0)
+            except ValueError as exc:
+                skipped: tuple[SkippedKey, ...] = self.skipped
+                why = "; ".join(f"kid {each.kid!r}: {each.reason}" for each in skipped)
+                raise ConfigurationError(
+                    f"dpop_middleware setting 'jwks': {exc}" + (f" ({why})" if why else "")
+                ) from exc
             self.uri = None
 
-    def load(self, jwks: Mapping[str, Any], *, now: float) -> None:
-        """Install a JWK Set document. ValueError if it is not one (public, signing keys only)."""
+    def load(self, jwks: Mapping[str, Any], *, now: float) -> tuple[SkippedKey, ...]:
+        """Install a JWK Set document; return the keys it skipped (for the caller to log).
+
+        RFC 7517 section 5: keys of a type we do not understand, missing required members or with
+        values out of range are ignored, not fatal to the set; so are encryption keys. A key with
+        private members is skipped too (a public JWK Set never has them) and reported.
+        ValueError if the document is not a JWK Set or holds no usable key: the caller then
+        reports a failed fetch, and the last good set stays.
+        """
+        self.skipped = ()
         keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
         if not isinstance(keys, list):
             raise ValueError("not a JWK Set")
-        usable = [
-            dict(k) for k in keys
-            if isinstance(k, Mapping) and k.get("kty") in ("EC", "RSA", "OKP")
-            and k.get("use", "sig") == "sig" and not (PRIVATE_MEMBERS & set(k))
-        ]  # fmt: skip
-        try:
-            key_set = tuple(KeySet.import_key_set({"keys": usable}).keys) if usable else ()
-        except (JoseError, ValueError, TypeError) as exc:
-            raise ValueError("JWK Set has a malformed key") from exc
-        self.key_set = key_set
+        usable: list[ECKey | RSAKey | OKPKey | OctKey] = []
+        skipped: list[SkippedKey] = []
+        for entry in keys:
+            if not isinstance(entry, Mapping):
+                skipped.append(SkippedKey(None, "not a JSON object"))
+                continue
+            if entry.get("kty") not in ("EC", "RSA", "OKP") or entry.get("use", "sig") != "sig":
+                continue  # not for us (RFC 7517 section 5): ignored silently
+            kid = entry.get("kid")
+            kid = kid[:100] if isinstance(kid, str) else None
+            if PRIVATE_MEMBERS & set(entry):
+                skipped.append(SkippedKey(kid, "has private key members"))
+                continue
+            try:
+                key = JWKRegistry.import_key(dict(entry))
+                key.ensure_kid()
+            except JoseError as exc:
+                # joserfc's descriptions name the member ("'crv' is required"), never its value.
+                skipped.append(SkippedKey(kid, f"malformed: {str(exc.description)[:100]}"))
+                continue
+            except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+                skipped.append(SkippedKey(kid, f"malformed: {type(exc).__name__}"))
+                continue
+            assert isinstance(key, ECKey | RSAKey | OKPKey | OctKey)
+            usable.append(key)
+        self.skipped = tuple(skipped)
+        if not usable:
+            raise ValueError("the JWK Set holds no usable signing key")
+        fingerprint = tuple(
+            sorted(json.dumps(key.as_dict(private=False), sort_keys=True) for key in usable)
+        )
+        if fingerprint != self._fingerprint:  # the same set again keeps cached tokens valid
+            self._fingerprint = fingerprint
+            self.version += 1
+            self.fruitless = 0
+        elif self._for_unknown_kid:
+            self.fruitless += 1
+        self._for_unknown_kid = False
+        self.key_set = tuple(usable)
         self.loaded_at = now
         self.attempted_at = now
-        self.version += 1
+        self.failures = 0
+        return self.skipped
 
     def fetch_failed(self, *, now: float) -> None:
         self.attempted_at = now
+        self.failures += 1
+        self._for_unknown_kid = False
+
+    @property
+    def retry_delay(self) -> float:
+        """Seconds from the last attempt before the next one, after failures in a row."""
+        base = min(self.refresh_interval, 5.0)
+        if self.failures <= 1:
+            return base
+        return min(base * 2.0 ** min(self.failures - 1, 30), max(MAX_RETRY_DELAY, base))
 
     def fetch_due(self, kid: str | None, *, now: float) -> bool:
         """Whether the adapter should fetch ``jwks_uri`` before this token can be checked."""
         if self.uri is None:
             return False
-        if self.key_set is None:
-            return now - self.attempted_at >= min(self.refresh_interval, 5.0)
-        if (
-            now - self.loaded_at >= self.cache_ttl
-            and now - self.attempted_at >= self.refresh_interval
-        ):
+        since = now - self.attempted_at
+        if self.failures and since < self.retry_delay:
+            return False  # back off after failed fetches
+        if self.key_set is None or now - self.loaded_at >= self.cache_ttl:
             return True
-        return (
-            kid is not None
-            and self.find(kid) is None
-            and now - self.attempted_at >= self.refresh_interval
-        )
+        if kid is None or self.find(kid) is not None or since < self.unknown_kid_delay(since):
+            return False
+        self._for_unknown_kid = True
+        return True
+
+    def unknown_kid_delay(self, since: float) -> float:
+        """Seconds from the last fetch before an unknown ``kid`` may cause another.
+
+        ``refresh_interval``, doubled for each such fetch in a row that brought no new key, up
+        to :data:`MAX_UNKNOWN_KID_DELAY`; a quiet spell of twice that starts over. A flood of
+        bogus ``kid`` values costs 5 fetches in its first 90 s and then one a minute (with the
+        5 s default), while a real new key is fetched at its first use, or within
+        ``refresh_interval`` of the last fetch.
+        """
+        base = self.refresh_interval
+        cap = max(MAX_UNKNOWN_KID_DELAY, base)
+        if not self.fruitless or since >= 2 * cap:
+            return base
+        return min(base * 2.0 ** min(self.fruitless - 1, 30), cap)
 
     def find(self, kid: str) -> ECKey | RSAKey | OKPKey | OctKey | None:
         """The loaded key with this ``kid``, or None."""

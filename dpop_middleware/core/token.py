@@ -5,7 +5,8 @@ A verified JWT is cached (LRU, keyed by the whole ``Authorization`` value) as a
 :class:`VerifiedToken`: the claims
 and what every request needs of them, extracted once (``exp``, ``nbf``, the bound ``cnf.jkt``)
 and the token's ``ath`` value. A cache hit still checks ``exp`` and ``nbf`` against the clock, so
-a cached token is never accepted past its expiry, and a JWK Set change makes every entry stale.
+a cached token is never accepted past its expiry; a JWK Set that is due for a refresh, or that
+changed, makes every entry stale.
 The claims are frozen (:mod:`frozen`) before they are cached: every request with the token gets
 the same deeply immutable object, so nothing an application does can reach the cache.
 """
@@ -104,11 +105,18 @@ class AccessTokenChecker:
             settings.token_cache_size, max_bytes=TOKEN_CACHE_MAX_BYTES
         )
 
-    def cached(self, authorization: str) -> VerifiedToken | None:
-        """The cache entry for an ``Authorization`` value if it is current (verified under this
-        JWK Set)."""
+    def cached(self, authorization: str, now: float) -> VerifiedToken | None:
+        """The cache entry for an ``Authorization`` value if it is current: verified under this
+        JWK Set, and that set is not due for a refresh. A due set sends the token down the miss
+        path, which fetches it; a changed set has a new version: no entry outlives its key."""
         entry = self._cache.get(authorization)
-        if entry is not None and self.keys is not None and entry.version == self.keys.version:
+        keys = self.keys
+        if (
+            entry is not None
+            and keys is not None
+            and entry.version == keys.version
+            and not keys.fetch_due(None, now=now)
+        ):
             return entry
         return None
 

@@ -171,7 +171,7 @@ class Verifier:
         found = hdr.scan_headers(request)
         authorization = found.authorization
         # A cached token was verified as this very Authorization value, so the value parsed then.
-        cached = tokens.cached(authorization)
+        cached = tokens.cached(authorization, now)
         if cached is not None:
             scheme, token, ath = cached.scheme, cached.token, cached.ath
         else:

@@ -14,7 +14,9 @@ process accepting proofs as fast as it can never reaches it within a replay wind
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +46,8 @@ def default_max_entries(ttl: float) -> int:
 
 _KEY_BYTES = 16
 
+logger = logging.getLogger("dpop_middleware")
+
 
 class _Generation:
     __slots__ = ("entries", "max_expiry", "started")
@@ -72,6 +76,34 @@ class MemoryReplayStore:
         self._lock = threading.Lock()
         self._generations: list[_Generation] = []
         self._size = 0
+        self._built_pid = os.getpid()
+        self._seen_pid = 0  # the process of the last use: checked once per process
+        self._warned_pid = 0
+
+    def _first_use_in_process(self) -> None:
+        pid = self._seen_pid = os.getpid()
+        if pid != self._built_pid:
+            self.warn_shared(
+                f"process {pid} was forked after the store was built in process {self._built_pid}"
+            )
+            return
+        workers = os.environ.get("WEB_CONCURRENCY", "")
+        if workers.isdigit() and int(workers) > 1:
+            self.warn_shared(f"WEB_CONCURRENCY={workers}")
+
+    def warn_shared(self, why: str) -> None:
+        """Warn once per process that this store is not shared between worker processes."""
+        pid = os.getpid()
+        if self._warned_pid == pid:
+            return
+        self._warned_pid = pid
+        logger.warning(
+            "dpop memory_replay_store_not_shared pid=%d: %s. Each worker process has its own "
+            "memory replay store, so a proof replayed to another worker is accepted: with more "
+            "than one worker, use a Redis replay_store (README: Running several workers)",
+            pid,
+            why,
+        )
 
     def __len__(self) -> int:
         return self._size
@@ -84,6 +116,8 @@ class MemoryReplayStore:
         # dropped with it, and until then answered as absent (exact per-entry expiry).
 
     def add(self, key: bytes, ttl: float) -> bool:
+        if self._seen_pid != os.getpid():
+            self._first_use_in_process()
         short = key[:_KEY_BYTES]
         with self._lock:
             now = self._clock()

@@ -9,7 +9,7 @@ Keys are ``key_prefix`` + the hex of the verifier's 32-byte replay key (BLAKE2b-
 key thumbprint and ``jti``): uniformly spread over Redis Cluster slots, and ``key_prefix`` may
 not contain ``{`` or ``}`` so it can never become a hash tag that pins every key to one slot.
 
-Fail closed: every Redis error or timeout becomes :class:`~dpop_middleware.errors.ReplayStoreError`
+Fail closed: every Redis error or timeout (indeed any exception the client raises) becomes :class:`~dpop_middleware.errors.ReplayStoreError`
 (the engine answers 503 with ``Retry-After``). Clients built here make exactly one attempt per
 request (redis-py's default retries with back-off would hold a request far past ``timeout``), live
 one per process (rebuilt after a fork, so workers never share a socket) and, for the async store,
@@ -30,6 +30,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -517,30 +518,60 @@ def _set_nx_on(conn: Any, rkey: bytes, px: int) -> bool:
 _NO_SOCKET = object()
 
 
+#: At most one "down" line per this many seconds (per store and process): a failover that flaps
+#: for a while gives a handful of lines, not one pair per flap.
+STATE_LOG_INTERVAL = 30.0
+
+
 class _Health:
-    """One log line when the backend goes down and one when it is back (not one per request)."""
+    """One log line when the backend goes down and one when it is back (not one per request).
 
-    __slots__ = ("down", "where")
+    A "down" line comes at most once per :data:`STATE_LOG_INTERVAL`; outages that start and end
+    inside that quiet time are counted, not logged, and the next line says how many there were.
+    A "recovered" line always follows a logged "down" line, at the first success.
+    """
 
-    def __init__(self, where: str) -> None:
+    __slots__ = ("_last_report", "_unlogged", "clock", "down", "reported_down", "where")
+
+    def __init__(self, where: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.where = where
-        self.down = False
+        self.clock = clock
+        self.down = False  # as of the last call
+        self.reported_down = False  # the last line logged said "down"
+        self._last_report = -math.inf
+        self._unlogged = 0  # outages that began in a quiet time and were not logged
+
+    def _more(self) -> str:
+        n = self._unlogged
+        return f" ({n} more short outage{'s' if n != 1 else ''} not logged before this line)" if n else ""
 
     def failed(self, exc: BaseException) -> ReplayStoreError:
         if not self.down:
             self.down = True
-            logger.error(
-                "dpop replay_store_down backend=%s cause=%s: %s; refusing DPoP requests with 503 "
-                "until it answers",
-                self.where,
-                type(exc).__name__,
-                exc,
-            )
+            self._unlogged += 1
+        if not self.reported_down:
+            now = self.clock()
+            if now - self._last_report >= STATE_LOG_INTERVAL:
+                self._unlogged -= 1  # this one is logged now
+                logger.error(
+                    "dpop replay_store_down backend=%s cause=%s: %s; refusing DPoP requests with "
+                    "503 until it answers%s",
+                    self.where,
+                    type(exc).__name__,
+                    exc,
+                    self._more(),
+                )
+                self.reported_down = True
+                self._last_report = now
+                self._unlogged = 0
         return ReplayStoreError(f"redis SET NX failed ({self.where}): {type(exc).__name__}: {exc}")
 
     def recovered(self) -> None:
         self.down = False
-        logger.warning("dpop replay_store_recovered backend=%s", self.where)
+        if self.reported_down:
+            self.reported_down = False
+            logger.warning("dpop replay_store_recovered backend=%s%s", self.where, self._more())
+            self._unlogged = 0
 
 
 class RedisReplayStore:
@@ -619,7 +650,8 @@ class RedisReplayStore:
                 first = self._pinned_set(pinned, self.redis_key(key), px_for(ttl))
             else:
                 first = bool(client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl)))
-        except _REDIS_ERRORS as exc:
+        except Exception as exc:  # any failure of the client is a store failure: fail closed
+            # (redis-py has raised AttributeError mid-failover, not only its own errors)
             raise self._health.failed(exc) from exc
         if self._health.down:
             self._health.recovered()
@@ -745,7 +777,7 @@ class _Coalescer:
         conn, self._conn = self._conn, None
         if conn is not None:
             # It is being thrown away; the error that brought us here is the one reported.
-            with contextlib.suppress(*_REDIS_ERRORS):
+            with contextlib.suppress(Exception):
                 await conn.disconnect()
             await self._client.connection_pool.release(conn)
 
@@ -841,7 +873,8 @@ class AsyncRedisReplayStore:
                 reply = await coalescer.set_nx(self.redis_key(key), px_for(ttl))
             else:
                 reply = await client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl))
-        except _REDIS_ERRORS as exc:
+        except Exception as exc:  # any failure of the client is a store failure: fail closed
+            # (redis-py has raised AttributeError mid-failover, not only its own errors)
             raise self._health.failed(exc) from exc
         if self._health.down:
             self._health.recovered()
