@@ -33,6 +33,8 @@ Mode = Literal["dpop", "dpop_or_bearer", "report_only"]
 MODES: tuple[str, ...] = ("dpop", "dpop_or_bearer", "report_only")
 Preflight = Literal["verify", "pass"]
 PREFLIGHT: tuple[str, ...] = ("verify", "pass")
+Freshness = Literal["iat_and_nonce", "nonce_only"]
+FRESHNESS: tuple[str, ...] = ("iat_and_nonce", "nonce_only")
 
 TokenVerifier = Callable[[str], Mapping[str, Any]]
 RefusalHook = Callable[[str, Mapping[str, Any]], Any]
@@ -48,6 +50,9 @@ class NonceSettings:
     #: ``True``: every protected path; a tuple of path prefixes; ``False``: issued, never required.
     required: bool | tuple[str, ...]
     context: str
+    #: ``"iat_and_nonce"``: a valid nonce and ``iat`` inside the window, both; ``"nonce_only"``:
+    #: a valid nonce replaces the ``iat`` check (RFC 9449 section 11.1), any client clock passes.
+    freshness: Freshness = "iat_and_nonce"
 
     @property
     def max_age(self) -> float:
@@ -105,11 +110,12 @@ class Settings:
         """How long a jti must be remembered: the whole window in which its proof is accepted.
 
         By ``iat``: from ``now - proof_max_age`` to ``now + clock_skew``, so a proof minted at the
-        far future edge stays acceptable for ``proof_max_age + clock_skew``. With nonces, a proof is
-        accepted as long as its nonce is (RFC 9449 section 11.1), so the TTL covers that too.
+        far future edge stays acceptable for ``proof_max_age + clock_skew``. ``iat`` is checked in
+        every mode but ``nonce.freshness="nonce_only"``, where a proof is accepted as long as its
+        nonce is (RFC 9449 section 11.1), so the TTL covers that too.
         """
         window = self.proof_max_age + self.clock_skew
-        if self.nonce is not None:
+        if self.nonce is not None and self.nonce.freshness == "nonce_only":
             window = max(window, self.nonce.max_age + self.nonce.lifetime)
         return window + 1.0
 
@@ -122,7 +128,7 @@ class Settings:
 # validation
 
 _KEYS: tuple[str, ...] = tuple(f for f in Settings.__dataclass_fields__)
-_NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context")
+_NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context", "freshness")
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigurationError:
@@ -269,7 +275,15 @@ def _nonce(value: Any, audience: tuple[str, ...], issuer: str | None) -> NonceSe
     context = value.get("context", audience[0] if audience else (issuer or "dpop-middleware"))
     if not isinstance(context, str) or not context:
         raise _fail("nonce.context", context, "a non-empty string naming this API")
-    return NonceSettings(secrets, lifetime, steps, required, context)
+    freshness = value.get("freshness", "iat_and_nonce")
+    if freshness not in FRESHNESS:
+        raise _fail(
+            "nonce.freshness",
+            freshness,
+            "'iat_and_nonce' (default: a valid nonce and iat inside the window) or 'nonce_only' "
+            "(a valid nonce replaces the iat check; tolerates any client clock)",
+        )
+    return NonceSettings(secrets, lifetime, steps, required, context, freshness)
 
 
 def _build(raw: Mapping[str, Any]) -> Settings:

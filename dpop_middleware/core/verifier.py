@@ -110,6 +110,7 @@ class Verifier:
         )
         self._tokens = AccessTokenChecker(settings)
         self._nonces = NonceIssuer(settings.nonce) if settings.nonce is not None else None
+        self._nonce_only = settings.nonce is not None and settings.nonce.freshness == "nonce_only"
         self._public_url = (
             (settings.public_url.scheme, settings.public_url.authority, settings.public_url.prefix)
             if settings.public_url is not None
@@ -214,19 +215,28 @@ class Verifier:
     def _nonce_freshness(
         self, proof: Proof, request: RequestInfo, now: float, nonces: NonceIssuer
     ) -> tuple[Header, ...]:
-        """Steps 10 and 11 with nonces on: the nonce, and the proof's age by it or by ``iat``."""
+        """Steps 10 and 11 with nonces on: the nonce, and the proof's age by ``iat`` (default) or,
+        with ``nonce.freshness="nonce_only"``, by the nonce alone."""
         settings = self.settings
         if proof.nonce is not None:
             if not nonces.valid(proof.nonce, now):
                 raise UseDPoPNonceError(
                     "nonce_invalid", "Resource server requires a fresh nonce in DPoP proof"
                 )
-            # A valid nonce is a server-managed timestamp (section 11.1): it judges freshness.
+            if not self._nonce_only:
+                # The iat window holds with nonces on: a bad iat is 401 invalid_dpop_proof, as
+                # without nonces (a new nonce would not fix the client's clock).
+                check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
+            # Nonce-only: a valid nonce is a server-managed timestamp (section 11.1) and judges
+            # freshness by itself.
             if nonces.is_current(proof.nonce, now):
                 return ()
             return (("dpop-nonce", nonces.current(now)), NO_STORE)
         if self._nonce_required(request):
             raise UseDPoPNonceError("nonce_missing", "Resource server requires nonce in DPoP proof")
+        if not self._nonce_only:
+            check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
+            return (("dpop-nonce", nonces.current(now)), NO_STORE)
         try:
             check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
         except InvalidDPoPProofError as exc:
