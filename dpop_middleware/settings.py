@@ -12,10 +12,13 @@ import ipaddress
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from dpop_middleware.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from dpop_middleware.core.metadata import ResourceMetadata
 
 #: Proof algorithms we can verify (RFC 7518, RFC 8037, RFC 9864). Never ``none``, never HMAC.
 SUPPORTED_ALGORITHMS: tuple[str, ...] = (
@@ -93,6 +96,8 @@ class Settings:
     cors_preflight: Preflight = "verify"
     max_path_length: int = 8192
     public_url: PublicURL | None = None
+    #: RFC 9728 protected resource metadata (core/metadata.py), served and linked from challenges.
+    resource_metadata: ResourceMetadata | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     on_refusal: RefusalHook | None = None
     realm: str | None = None
@@ -308,6 +313,12 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     ):
         raise _fail("audience", audience_raw, "a non-empty string or a list of them")
     audience = tuple(audience_raw)
+    # Local import: core.metadata imports nothing from settings, so this cannot cycle.
+    from dpop_middleware.core.metadata import parse_resource_metadata
+
+    metadata = parse_resource_metadata(raw.get("resource_metadata"))
+    if metadata is not None and "audience" not in raw:
+        audience = (metadata.resource,)  # RFC 8707/9068: the token's aud names this resource
 
     jwks = raw.get("jwks")
     if jwks is not None and not (isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)):
@@ -400,7 +411,10 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         exclude_paths=_paths("exclude_paths", raw.get("exclude_paths", ())),
         cors_preflight=preflight,
         max_path_length=_integer(raw, "max_path_length", 8192, low=256, high=65536),
-        public_url=_public_url(raw.get("public_url")),
+        public_url=_public_url(
+            raw.get("public_url", metadata.origin if metadata is not None else None)
+        ),
+        resource_metadata=metadata,
         trusted_proxies=tuple(networks),
         on_refusal=on_refusal,
         realm=realm,

@@ -111,6 +111,8 @@ class Verifier:
         self._tokens = AccessTokenChecker(settings)
         self._nonces = NonceIssuer(settings.nonce) if settings.nonce is not None else None
         self._nonce_only = settings.nonce is not None and settings.nonce.freshness == "nonce_only"
+        metadata = settings.resource_metadata
+        self._metadata_url = metadata.url if metadata is not None else None
         self._public_url = (
             (settings.public_url.scheme, settings.public_url.authority, settings.public_url.prefix)
             if settings.public_url is not None
@@ -288,7 +290,8 @@ class Verifier:
             headers.append((
                 "www-authenticate",
                 hdr.challenge(
-                    error, algs=self.settings.algs_value, realm=self.settings.realm, bearer=self._bearer
+                    error, algs=self.settings.algs_value, realm=self.settings.realm, bearer=self._bearer,
+                    resource_metadata=self._metadata_url,
                 ),
             ))  # fmt: skip
         if isinstance(error, UseDPoPNonceError) and self._nonces is not None:
