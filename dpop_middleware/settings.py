@@ -101,6 +101,8 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     on_refusal: RefusalHook | None = None
     realm: str | None = None
+    #: Answer every 400/403 refusal as 401 with the DPoP challenge (the MCP profile, SEP-1932).
+    always_401: bool = False
     key_cache_size: int = 1024
     token_cache_size: int = 10_000
     clock: Callable[[], float] = field(default=time.time)
@@ -377,6 +379,9 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     realm = raw.get("realm")
     if realm is not None and (not isinstance(realm, str) or '"' in realm or "\\" in realm):
         raise _fail("realm", realm, "a string without quotes or backslashes")
+    always_401 = raw.get("always_401", False)
+    if not isinstance(always_401, bool):
+        raise _fail("always_401", always_401, "True or False")
     strict_typ = raw.get("strict_access_token_typ", False)
     if not isinstance(strict_typ, bool):
         raise _fail("strict_access_token_typ", strict_typ, "True or False")
@@ -418,6 +423,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         trusted_proxies=tuple(networks),
         on_refusal=on_refusal,
         realm=realm,
+        always_401=always_401,
         key_cache_size=_integer(raw, "key_cache_size", 1024, low=1, high=1_000_000),
         token_cache_size=_integer(raw, "token_cache_size", 10_000, low=0, high=10_000_000),
         clock=clock,

@@ -298,7 +298,10 @@ class Verifier:
             headers.append(("dpop-nonce", self._nonces.current(self._clock())))
         body: dict[str, str] = {"error": error.error or "unauthorized"}
         body["error_description"] = error.description
-        return Refusal(error.status, tuple(headers), json.dumps(body).encode(), error)
+        status = error.status
+        if self.settings.always_401 and status in (400, 403):
+            status = 401  # the MCP profile (SEP-1932): every refusal is a 401 with the challenge
+        return Refusal(status, tuple(headers), json.dumps(body).encode(), error)
 
 
 __all__ = [
