@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from dpop_middleware.core.metadata import Reply
 from dpop_middleware.core.request import RequestInfo, encoded_path
 from dpop_middleware.core.verifier import Header, Refusal
 from dpop_middleware.errors import ConfigurationError, ReplayStoreError
@@ -107,7 +108,11 @@ class DPoPMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        outcome = await self.engine.run_async(request_info(scope), self.store)
+        request = request_info(scope)
+        if kind == "http" and (reply := self.engine.reply(request)) is not None:
+            await _send_refusal(send, reply, head=scope["method"] == "HEAD")  # RFC 9728 document
+            return
+        outcome = await self.engine.run_async(request, self.store)
         if outcome.refusal is not None:
             if kind == "http":
                 await _send_refusal(send, outcome.refusal, head=scope["method"] == "HEAD")
@@ -135,11 +140,11 @@ class DPoPMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def _refusal_headers(refusal: Refusal) -> list[tuple[bytes, bytes]]:
+def _refusal_headers(refusal: Refusal | Reply) -> list[tuple[bytes, bytes]]:
     return [*_encode(refusal.headers), (b"content-length", str(len(refusal.body)).encode())]
 
 
-async def _send_refusal(send: Send, refusal: Refusal, *, head: bool = False) -> None:
+async def _send_refusal(send: Send, refusal: Refusal | Reply, *, head: bool = False) -> None:
     headers = _refusal_headers(refusal)
     await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
     # A HEAD response has no body (RFC 9110 section 9.3.2); Content-Length stays.

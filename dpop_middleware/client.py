@@ -87,6 +87,7 @@ class DPoPAuthBase:
 
 _MISSING = {
     "HttpxDPoPAuth": "httpx",
+    "Httpx2DPoPAuth": "httpx2",
     "RequestsDPoPAuth": "requests",
 }
 
@@ -100,6 +101,25 @@ else:
         """``httpx.Auth`` for DPoP; the same object works with ``Client`` and ``AsyncClient``."""
 
         def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+            url = str(request.url)
+            request.headers.update(self.headers_for(request.method, url))
+            response = yield request
+            if self.observe(url, response.status_code, response.headers):
+                request.headers.update(self.headers_for(request.method, url))
+                response = yield request
+                self.observe(url, response.status_code, response.headers)
+
+
+try:
+    import httpx2
+except ImportError:  # httpx2 (the MCP SDK 2's HTTP client) is optional: see __getattr__
+    pass
+else:
+
+    class Httpx2DPoPAuth(DPoPAuthBase, httpx2.Auth):
+        """The same auth for ``httpx2`` (the HTTP client of the MCP Python SDK 2)."""
+
+        def auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response]:
             url = str(request.url)
             request.headers.update(self.headers_for(request.method, url))
             response = yield request
@@ -164,4 +184,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dpop_middleware.client' has no attribute {name!r}")
 
 
-__all__ = ["DPoPAuthBase", "HttpxDPoPAuth", "RequestsDPoPAuth"]
+__all__ = ["DPoPAuthBase", "Httpx2DPoPAuth", "HttpxDPoPAuth", "RequestsDPoPAuth"]

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from dpop_middleware.core.keys import JWKSFetchNeeded, SkippedKey
+from dpop_middleware.core.metadata import MetadataEndpoint, Reply
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ServiceUnavailableError
@@ -67,6 +68,17 @@ class Engine:
         self._report_only = settings.mode == "report_only"
         self._sync_lock = threading.Lock()
         self._async_lock: asyncio.Lock | None = None
+        metadata = settings.resource_metadata
+        self._metadata = (
+            MetadataEndpoint(metadata, settings.algorithms, settings.mode != "dpop_or_bearer")
+            if metadata is not None
+            else None
+        )
+
+    def reply(self, request: RequestInfo) -> Reply | None:
+        """A response the middleware gives itself, before any check: the RFC 9728 metadata
+        document (public, no authentication). None for every other request."""
+        return None if self._metadata is None else self._metadata.reply(request)
 
     # -- refusals ------------------------------------------------------------------------------
 

@@ -16,10 +16,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from dpop_middleware.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from dpop_middleware.core.metadata import ResourceMetadata
 
 #: Proof algorithms we can verify (RFC 7518, RFC 8037, RFC 9864). Never ``none``, never HMAC.
 SUPPORTED_ALGORITHMS: tuple[str, ...] = (
@@ -37,6 +40,8 @@ Mode = Literal["dpop", "dpop_or_bearer", "report_only"]
 MODES: tuple[str, ...] = ("dpop", "dpop_or_bearer", "report_only")
 Preflight = Literal["verify", "pass"]
 PREFLIGHT: tuple[str, ...] = ("verify", "pass")
+Freshness = Literal["iat_and_nonce", "nonce_only"]
+FRESHNESS: tuple[str, ...] = ("iat_and_nonce", "nonce_only")
 
 TokenVerifier = Callable[[str], Mapping[str, Any]]
 RefusalHook = Callable[[str, Mapping[str, Any]], Any]
@@ -52,6 +57,9 @@ class NonceSettings:
     #: ``True``: every protected path; a tuple of path prefixes; ``False``: issued, never required.
     required: bool | tuple[str, ...]
     context: str
+    #: ``"iat_and_nonce"``: a valid nonce and ``iat`` inside the window, both; ``"nonce_only"``:
+    #: a valid nonce replaces the ``iat`` check (RFC 9449 section 11.1), any client clock passes.
+    freshness: Freshness = "iat_and_nonce"
 
     @property
     def max_age(self) -> float:
@@ -92,9 +100,13 @@ class Settings:
     cors_preflight: Preflight = "verify"
     max_path_length: int = 8192
     public_url: PublicURL | None = None
+    #: RFC 9728 protected resource metadata (core/metadata.py), served and linked from challenges.
+    resource_metadata: ResourceMetadata | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     on_refusal: RefusalHook | None = None
     realm: str | None = None
+    #: Answer every 400/403 refusal as 401 with the DPoP challenge (the MCP profile, SEP-1932).
+    always_401: bool = False
     key_cache_size: int = 1024
     token_cache_size: int = 10_000
     clock: Callable[[], float] = field(default=time.time)
@@ -109,11 +121,12 @@ class Settings:
         """How long a jti must be remembered: the whole window in which its proof is accepted.
 
         By ``iat``: from ``now - proof_max_age`` to ``now + clock_skew``, so a proof minted at the
-        far future edge stays acceptable for ``proof_max_age + clock_skew``. With nonces, a proof is
-        accepted as long as its nonce is (RFC 9449 section 11.1), so the TTL covers that too.
+        far future edge stays acceptable for ``proof_max_age + clock_skew``. ``iat`` is checked in
+        every mode but ``nonce.freshness="nonce_only"``, where a proof is accepted as long as its
+        nonce is (RFC 9449 section 11.1), so the TTL covers that too.
         """
         window = self.proof_max_age + self.clock_skew
-        if self.nonce is not None:
+        if self.nonce is not None and self.nonce.freshness == "nonce_only":
             window = max(window, self.nonce.max_age + self.nonce.lifetime)
         return window + 1.0
 
@@ -126,7 +139,7 @@ class Settings:
 # validation
 
 _KEYS: tuple[str, ...] = tuple(f for f in Settings.__dataclass_fields__)
-_NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context")
+_NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context", "freshness")
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigurationError:
@@ -288,7 +301,15 @@ def _nonce(value: Any, audience: tuple[str, ...], issuer: str | None) -> NonceSe
     context = value.get("context", audience[0] if audience else (issuer or "dpop-middleware"))
     if not isinstance(context, str) or not context:
         raise _fail("nonce.context", context, "a non-empty string naming this API")
-    return NonceSettings(secrets, lifetime, steps, required, context)
+    freshness = value.get("freshness", "iat_and_nonce")
+    if freshness not in FRESHNESS:
+        raise _fail(
+            "nonce.freshness",
+            freshness,
+            "'iat_and_nonce' (default: a valid nonce and iat inside the window) or 'nonce_only' "
+            "(a valid nonce replaces the iat check; tolerates any client clock)",
+        )
+    return NonceSettings(secrets, lifetime, steps, required, context, freshness)
 
 
 def _build(raw: Mapping[str, Any]) -> Settings:
@@ -313,6 +334,12 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     ):
         raise _fail("audience", audience_raw, "a non-empty string or a list of them")
     audience = tuple(audience_raw)
+    # Local import: core.metadata imports nothing from settings, so this cannot cycle.
+    from dpop_middleware.core.metadata import parse_resource_metadata
+
+    metadata = parse_resource_metadata(raw.get("resource_metadata"))
+    if metadata is not None and "audience" not in raw:
+        audience = (metadata.resource,)  # RFC 8707/9068: the token's aud names this resource
 
     jwks = raw.get("jwks")
     if jwks is not None and not (isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)):
@@ -379,6 +406,9 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     realm = raw.get("realm")
     if realm is not None and (not isinstance(realm, str) or '"' in realm or "\\" in realm):
         raise _fail("realm", realm, "a string without quotes or backslashes")
+    always_401 = raw.get("always_401", False)
+    if not isinstance(always_401, bool):
+        raise _fail("always_401", always_401, "True or False")
     strict_typ = raw.get("strict_access_token_typ", False)
     if not isinstance(strict_typ, bool):
         raise _fail("strict_access_token_typ", strict_typ, "True or False")
@@ -413,10 +443,14 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         exclude_paths=_paths("exclude_paths", raw.get("exclude_paths", ())),
         cors_preflight=preflight,
         max_path_length=_integer(raw, "max_path_length", 8192, low=256, high=65536),
-        public_url=_public_url(raw.get("public_url")),
+        public_url=_public_url(
+            raw.get("public_url", metadata.origin if metadata is not None else None)
+        ),
+        resource_metadata=metadata,
         trusted_proxies=tuple(networks),
         on_refusal=on_refusal,
         realm=realm,
+        always_401=always_401,
         key_cache_size=_integer(raw, "key_cache_size", 1024, low=1, high=1_000_000),
         token_cache_size=_integer(raw, "token_cache_size", 10_000, low=0, high=10_000_000),
         clock=clock,

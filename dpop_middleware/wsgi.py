@@ -14,7 +14,9 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
+from dpop_middleware.core.metadata import Reply
 from dpop_middleware.core.request import RequestInfo, encoded_path
+from dpop_middleware.core.verifier import Refusal
 from dpop_middleware.flow import Engine
 from dpop_middleware.replay import MemoryReplayStore, create_sync_store
 from dpop_middleware.replay.base import ReplayStore
@@ -86,14 +88,14 @@ class DPoPWSGIMiddleware:
             self._first_request = False
             if environ.get("wsgi.multiprocess") and isinstance(self.store, MemoryReplayStore):
                 self.store.warn_shared("the WSGI server runs several processes (wsgi.multiprocess)")
-        outcome = self.engine.run_sync(request_info(environ), self.store)
+        request = request_info(environ)
+        reply = self.engine.reply(request)  # the RFC 9728 document, else None
+        if reply is not None:
+            return _respond(reply, environ, start_response)
+        outcome = self.engine.run_sync(request, self.store)
         refusal = outcome.refusal
         if refusal is not None:
-            status = f"{refusal.status} {HTTPStatus(refusal.status).phrase}"
-            headers = [*refusal.headers, ("content-length", str(len(refusal.body)))]
-            start_response(status, [(_title(k), v) for k, v in headers])
-            # A HEAD response has no body (RFC 9110 section 9.3.2); Content-Length stays.
-            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [refusal.body]
+            return _respond(refusal, environ, start_response)
         if outcome.result is not None:
             environ["dpop"] = outcome.result
         extra = outcome.response_headers
@@ -108,6 +110,16 @@ class DPoPWSGIMiddleware:
             return start_response(status, kept + [(_title(k), v) for k, v in extra], exc_info)
 
         return self.app(environ, start_with_headers)
+
+
+def _respond(
+    response: Refusal | Reply, environ: Environ, start_response: StartResponse
+) -> Iterable[bytes]:
+    status = f"{response.status} {HTTPStatus(response.status).phrase}"
+    headers = [*response.headers, ("content-length", str(len(response.body)))]
+    start_response(status, [(_title(k), v) for k, v in headers])
+    # A HEAD response has no body (RFC 9110 section 9.3.2); Content-Length stays.
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [response.body]
 
 
 _SPELLING = {"www-authenticate": "WWW-Authenticate", "dpop-nonce": "DPoP-Nonce"}

@@ -151,21 +151,61 @@ def test_secret_rotation(nonce_settings: Any, dpop_key: DPoPKey, token: str) -> 
     assert retired.dpop(dpop_key, token, "GET", URL, nonce=fresh).status == 200
 
 
-def test_valid_nonce_judges_freshness_not_iat(
-    nonce_settings: Any, dpop_key: DPoPKey, token: str, clock: FrozenClock
+@pytest.mark.parametrize(
+    ("offset", "reason"),
+    [
+        pytest.param(-303, "iat_too_old", id="303s-past"),
+        pytest.param(303, "iat_in_future", id="303s-future"),
+        pytest.param(-3600, "iat_too_old", id="1h-past"),
+    ],
+)
+def test_iat_window_holds_with_a_valid_nonce_by_default(
+    make_settings: Any, dpop_key: DPoPKey, token: str, clock: FrozenClock, offset: int, reason: str
 ) -> None:
-    """Section 11.1: with a server nonce, a client with a bad clock still gets in."""
-    h = Harness(nonce_settings())
+    """Default ``nonce.freshness="iat_and_nonce"``: a valid nonce does not excuse a bad ``iat``
+    (SEP-1932 and FAPI 2.0 keep the window). 401 ``invalid_dpop_proof``, as without nonces: a new
+    nonce would not fix the client's clock, so ``use_dpop_nonce`` would only cause a futile retry."""
+    h = Harness(
+        make_settings(
+            proof_max_age=300, clock_skew=300, nonce={"secret": SECRET, "lifetime": 600}
+        )
+    )
     nonce = expect_nonce_challenge(h.dpop(dpop_key, token, "GET", URL), "nonce_missing")
-    assert h.dpop(dpop_key, token, "GET", URL, nonce=nonce, iat=clock.now - 3600).status == 200
-    assert h.dpop(dpop_key, token, "GET", URL, nonce=nonce, iat=clock.now + 3600).status == 200
+    answer = h.dpop(dpop_key, token, "GET", URL, nonce=nonce, iat=clock.now + offset)
+    assert (answer.status, answer.error, answer.reason) == (401, "invalid_dpop_proof", reason)
+    assert answer.header("dpop-nonce") == []
+    assert answer.challenge_params()["error"] == "invalid_dpop_proof"
+    # Inside the window, the same nonce passes.
+    assert h.dpop(dpop_key, token, "GET", URL, nonce=nonce, iat=clock.now - 299).status == 200
+
+
+@pytest.mark.parametrize("offset", [-303, 303], ids=["303s-past", "303s-future"])
+def test_bad_iat_without_nonce_is_refused_by_default(
+    nonce_settings: Any, dpop_key: DPoPKey, token: str, clock: FrozenClock, offset: int
+) -> None:
+    """Nonce offered but not required, default freshness: a bad iat is a hard failure."""
+    h = Harness(nonce_settings(required=False))
+    answer = h.dpop(dpop_key, token, "GET", URL, iat=clock.now + offset)
+    reason = "iat_too_old" if offset < 0 else "iat_in_future"
+    assert (answer.status, answer.error, answer.reason) == (401, "invalid_dpop_proof", reason)
+
+
+@pytest.mark.parametrize("offset", [-303, 303, -3600, 3600])
+def test_valid_nonce_judges_freshness_in_nonce_only_mode(
+    nonce_settings: Any, dpop_key: DPoPKey, token: str, clock: FrozenClock, offset: int
+) -> None:
+    """Opt-in ``nonce_only`` (section 11.1): with a server nonce, a client with a bad clock still
+    gets in."""
+    h = Harness(nonce_settings(freshness="nonce_only"))
+    nonce = expect_nonce_challenge(h.dpop(dpop_key, token, "GET", URL), "nonce_missing")
+    assert h.dpop(dpop_key, token, "GET", URL, nonce=nonce, iat=clock.now + offset).status == 200
 
 
 @pytest.mark.parametrize("offset", [-3600, 3600], ids=["stale-iat", "future-iat"])
-def test_bad_iat_without_nonce_gets_a_chance(
+def test_bad_iat_without_nonce_gets_a_chance_in_nonce_only_mode(
     nonce_settings: Any, dpop_key: DPoPKey, token: str, clock: FrozenClock, offset: int
 ) -> None:
-    h = Harness(nonce_settings(required=False))
+    h = Harness(nonce_settings(required=False, freshness="nonce_only"))
     answer = h.dpop(dpop_key, token, "GET", URL, iat=clock.now + offset)
     nonce = expect_nonce_challenge(answer, "iat_too_old" if offset < 0 else "iat_in_future")
     assert h.dpop(dpop_key, token, "GET", URL, nonce=nonce, iat=clock.now + offset).status == 200
@@ -195,9 +235,10 @@ def test_nonce_claim_is_required_once_provided(
 def test_replay_ttl_covers_nonce_lifetime(
     nonce_settings: Any, dpop_key: DPoPKey, token: str, clock: FrozenClock
 ) -> None:
-    """A proof is accepted as long as its nonce is; its jti must be remembered that long."""
+    """Nonce-only: a proof is accepted as long as its nonce is; its jti must be remembered that
+    long."""
     clock.now = clock.now // 60 * 60  # the start of a step: the nonce lives two whole steps
-    h = Harness(nonce_settings())
+    h = Harness(nonce_settings(freshness="nonce_only"))
     nonce = expect_nonce_challenge(h.dpop(dpop_key, token, "GET", URL), "nonce_missing")
     proof = dpop_key.proof("GET", URL, access_token=token, nonce=nonce, iat=clock.now)
     headers = [("authorization", f"DPoP {token}"), ("dpop", proof)]
@@ -205,6 +246,26 @@ def test_replay_ttl_covers_nonce_lifetime(
     clock.advance(119)  # the nonce is still valid (previous step)
     answer = h.send("GET", URL, headers)
     assert (answer.status, answer.reason) == (401, "replayed")
+
+
+def test_replay_ttl_is_the_iat_window_by_default(
+    nonce_settings: Any, dpop_key: DPoPKey, token: str, clock: FrozenClock
+) -> None:
+    """With iat checked, a proof older than the window is refused anyway: the jti is kept for
+    the iat window, not the nonce lifetime."""
+    h = Harness(nonce_settings())
+    assert h.settings.replay_ttl == 60 + 10 + 1
+    nonce = expect_nonce_challenge(h.dpop(dpop_key, token, "GET", URL), "nonce_missing")
+    proof = dpop_key.proof("GET", URL, access_token=token, nonce=nonce, iat=clock.now)
+    headers = [("authorization", f"DPoP {token}"), ("dpop", proof)]
+    assert h.send("GET", URL, headers).status == 200
+    assert (h.send("GET", URL, headers).status, h.send("GET", URL, headers).reason) == (
+        401,
+        "replayed",
+    )
+    clock.advance(61)  # past the window: refused by iat, whatever the replay store remembers
+    answer = h.send("GET", URL, headers)
+    assert (answer.status, answer.error, answer.reason) == (401, "invalid_dpop_proof", "iat_too_old")
 
 
 def test_nonce_is_unpredictable_per_secret_and_step(clock: FrozenClock) -> None:

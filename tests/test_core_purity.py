@@ -41,10 +41,16 @@ def test_core_module_imports_nothing_forbidden(path: Path) -> None:
 def test_importing_the_package_pulls_in_no_framework() -> None:
     code = (
         "import sys, dpop_middleware, dpop_middleware.core.verifier, dpop_middleware.settings\n"
-        "bad = [m for m in ('starlette', 'fastapi', 'werkzeug', 'flask', 'django', 'redis', 'httpx')"
+        "bad = [m for m in ('starlette', 'fastapi', 'werkzeug', 'flask', 'django', 'redis', 'httpx',"
+        " 'httpx2', 'mcp')"
         " if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_mcp_helpers_do_not_import_the_mcp_sdk() -> None:
+    code = "import sys, dpop_middleware.mcp\nassert 'mcp' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

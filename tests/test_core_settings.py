@@ -213,5 +213,16 @@ def test_nonce_settings() -> None:
     assert s.nonce.secrets == (b"n" * 32, b"o" * 32)
     assert s.nonce.required == ("/pay",)
     assert s.nonce.context == "https://api.example"
-    # the jti must be remembered as long as a proof is accepted by its nonce
-    assert s.replay_ttl >= s.nonce.max_age + s.nonce.lifetime
+    assert s.nonce.freshness == "iat_and_nonce"
+    # iat is checked with nonces on: the jti is remembered for the iat window only
+    assert s.replay_ttl == s.proof_max_age + s.clock_skew + 1
+    # nonce-only: the jti must be remembered as long as a proof is accepted by its nonce
+    lax = build(nonce={"secret": "n" * 32, "lifetime": 300, "freshness": "nonce_only"})
+    assert lax.nonce is not None and lax.nonce.freshness == "nonce_only"
+    assert lax.replay_ttl == 300 * 2 + 300 + 1
+
+
+@pytest.mark.parametrize("value", ["nonce", "iat", "", None, True])
+def test_nonce_freshness_is_validated(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"'nonce.freshness'.*'iat_and_nonce'.*'nonce_only'"):
+        build(nonce={"secret": "n" * 32, "freshness": value})

@@ -41,12 +41,28 @@ def caps(settings: dict[str, Any]) -> tuple[int, int]:
     [
         pytest.param({}, 71, 1_420_000, id="defaults"),
         pytest.param({"proof_max_age": 1, "clock_skew": 0}, 2, 1_000_000, id="short-window"),
-        pytest.param({"nonce": {"secret": SECRET}}, 181, 3_620_000, id="nonce-defaults"),
+        pytest.param({"nonce": {"secret": SECRET}}, 71, 1_420_000, id="nonce-defaults"),
         pytest.param(
-            {"nonce": {"secret": SECRET, "lifetime": 300}}, 901, 18_020_000, id="nonce-300s"
+            {"nonce": {"secret": SECRET, "freshness": "nonce_only"}},
+            181,
+            3_620_000,
+            id="nonce-only-defaults",
         ),
         pytest.param(
-            {"nonce": {"secret": SECRET, "lifetime": 3600, "accepted_steps": 10}},
+            {"nonce": {"secret": SECRET, "lifetime": 300, "freshness": "nonce_only"}},
+            901,
+            18_020_000,
+            id="nonce-only-300s",
+        ),
+        pytest.param(
+            {
+                "nonce": {
+                    "secret": SECRET,
+                    "lifetime": 3600,
+                    "accepted_steps": 10,
+                    "freshness": "nonce_only",
+                }
+            },
             39_601,
             792_020_000,
             id="longest-window",

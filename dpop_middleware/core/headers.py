@@ -145,6 +145,7 @@ def challenge(
     *,
     algs: str,
     realm: str | None = None,
+    resource_metadata: str | None = None,
     bearer: bool = False,
 ) -> str:
     """The ``WWW-Authenticate`` value for a refusal (RFC 9449 sections 7.1 and 7.2).
@@ -156,6 +157,8 @@ def challenge(
     params: list[str] = []
     if realm is not None:
         params.append(f"realm={_quote(realm)}")
+    if resource_metadata is not None:  # RFC 9728 section 5.1, on every challenge offered
+        params.append(f"resource_metadata={_quote(resource_metadata)}")
     code = error.error if error is not None else None
     err_params: list[str] = []
     if code is not None and error is not None:

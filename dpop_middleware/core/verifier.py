@@ -112,6 +112,9 @@ class Verifier:
         )
         self._tokens = AccessTokenChecker(settings)
         self._nonces = NonceIssuer(settings.nonce) if settings.nonce is not None else None
+        self._nonce_only = settings.nonce is not None and settings.nonce.freshness == "nonce_only"
+        metadata = settings.resource_metadata
+        self._metadata_url = metadata.url if metadata is not None else None
         self._public_url = (
             (settings.public_url.scheme, settings.public_url.authority, settings.public_url.prefix)
             if settings.public_url is not None
@@ -216,19 +219,28 @@ class Verifier:
     def _nonce_freshness(
         self, proof: Proof, request: RequestInfo, now: float, nonces: NonceIssuer
     ) -> tuple[Header, ...]:
-        """Steps 10 and 11 with nonces on: the nonce, and the proof's age by it or by ``iat``."""
+        """Steps 10 and 11 with nonces on: the nonce, and the proof's age by ``iat`` (default) or,
+        with ``nonce.freshness="nonce_only"``, by the nonce alone."""
         settings = self.settings
         if proof.nonce is not None:
             if not nonces.valid(proof.nonce, now):
                 raise UseDPoPNonceError(
                     "nonce_invalid", "Resource server requires a fresh nonce in DPoP proof"
                 )
-            # A valid nonce is a server-managed timestamp (section 11.1): it judges freshness.
+            if not self._nonce_only:
+                # The iat window holds with nonces on: a bad iat is 401 invalid_dpop_proof, as
+                # without nonces (a new nonce would not fix the client's clock).
+                check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
+            # Nonce-only: a valid nonce is a server-managed timestamp (section 11.1) and judges
+            # freshness by itself.
             if nonces.is_current(proof.nonce, now):
                 return ()
             return (("dpop-nonce", nonces.current(now)), NO_STORE)
         if self._nonce_required(request):
             raise UseDPoPNonceError("nonce_missing", "Resource server requires nonce in DPoP proof")
+        if not self._nonce_only:
+            check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
+            return (("dpop-nonce", nonces.current(now)), NO_STORE)
         try:
             check_iat(proof, now, settings.proof_max_age, settings.clock_skew)
         except InvalidDPoPProofError as exc:
@@ -280,14 +292,18 @@ class Verifier:
             headers.append((
                 "www-authenticate",
                 hdr.challenge(
-                    error, algs=self.settings.algs_value, realm=self.settings.realm, bearer=self._bearer
+                    error, algs=self.settings.algs_value, realm=self.settings.realm, bearer=self._bearer,
+                    resource_metadata=self._metadata_url,
                 ),
             ))  # fmt: skip
         if isinstance(error, UseDPoPNonceError) and self._nonces is not None:
             headers.append(("dpop-nonce", self._nonces.current(self._clock())))
         body: dict[str, str] = {"error": error.error or "unauthorized"}
         body["error_description"] = error.description
-        return Refusal(error.status, tuple(headers), json.dumps(body).encode(), error)
+        status = error.status
+        if self.settings.always_401 and status in (400, 403):
+            status = 401  # the MCP profile (SEP-1932): every refusal is a 401 with the challenge
+        return Refusal(status, tuple(headers), json.dumps(body).encode(), error)
 
 
 __all__ = [
