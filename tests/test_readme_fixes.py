@@ -49,3 +49,17 @@ def test_dpop_result_import_path_in_the_readme() -> None:
 
     assert "from dpop_middleware import DPoPResult" in README
     assert DPoPResult is core_result
+
+
+def test_the_token_client_example_runs(tmp_path: Path) -> None:
+    program = tmp_path / "token_client_example.py"
+    program.write_text(
+        block(
+            "# token_client_example.py: a complete program (the test kit stands in for your servers)"
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "{'sub': 'my-app'}\n"
