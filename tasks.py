@@ -36,7 +36,13 @@ def ensure_venv() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     print("installing dpop-middleware[dev] into .venv ...", flush=True)
     subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[dev]"], check=True)
+    # setuptools prints an "Editable installation ... be careful with folders" banner as a
+    # warning from the build backend; it is advice for the project's authors, not an error.
+    # Only that one message is silenced (PYTHONWARNINGS reaches pip's build subprocess).
+    quiet = dict(os.environ, PYTHONWARNINGS="ignore:Editable installation")
+    subprocess.run(
+        [str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[dev]"], check=True, env=quiet
+    )
     stamp.write_text(want)
 
 

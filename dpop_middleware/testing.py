@@ -1,6 +1,6 @@
 """Test kit: client keys that mint DPoP proofs, a local access-token issuer, a live server.
 
-Usable in your own tests (no authorization server needed) and by real clients::
+Usable in your own tests (no authorization server needed)::
 
     key = DPoPKey.generate()                      # ES256 by default
     issuer = TokenIssuer()                         # its .jwks plugs into the "jwks" setting
@@ -8,14 +8,16 @@ Usable in your own tests (no authorization server needed) and by real clients::
     proof = key.proof("GET", "https://api.example/items", access_token=token)
     headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
 
-Clients that sign every request for you (httpx, requests) are in :mod:`dpop_middleware.client`;
+``issuer.serve()`` runs a real authorization server (metadata, JWK Set, token endpoint with DPoP)
+on loopback for clients that get their tokens themselves. ``DPoPKey`` and the clients that sign
+every request for you (httpx, requests, and ``TokenClient``) are in :mod:`dpop_middleware.client`;
 the pytest fixtures ``dpop_key`` and ``dpop_issuer`` in :mod:`dpop_middleware.pytest_plugin`.
 This module needs only joserfc and cryptography; :func:`serve` imports uvicorn when called.
 """
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import json
 import secrets
 import socket
@@ -23,146 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from joserfc import jws
-from joserfc.jwk import ECKey, OKPKey, RSAKey, import_key
-
-from dpop_middleware.core.jose import b64encode
-
-_GENERATORS: dict[str, Callable[[], ECKey | RSAKey | OKPKey]] = {
-    "ES256": lambda: ECKey.generate_key("P-256"),
-    "ES384": lambda: ECKey.generate_key("P-384"),
-    "ES512": lambda: ECKey.generate_key("P-521"),
-    "RS256": lambda: RSAKey.generate_key(2048),
-    "PS256": lambda: RSAKey.generate_key(2048),
-    "EdDSA": lambda: OKPKey.generate_key("Ed25519"),
-    "Ed25519": lambda: OKPKey.generate_key("Ed25519"),
-}
-
-# The algorithm a private JWK implies when it carries no "alg" (RSA keys serve several).
-_IMPLIED_ALG = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA"}
-
-_REMOVE = object()
-#: Pass as a claim or header value to leave that member out (for negative tests).
-REMOVE: Any = _REMOVE
-
-
-def ath_for(access_token: str) -> str:
-    """base64url(SHA-256(access token)) as RFC 9449 section 4.2 defines ``ath``."""
-    return b64encode(hashlib.sha256(access_token.encode("ascii")).digest())
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    if extra:
-        for name, value in extra.items():
-            if value is _REMOVE:
-                base.pop(name, None)
-            else:
-                base[name] = value
-    return base
-
-
-class DPoPKey:
-    """A client's DPoP key pair. ``proof()`` signs a fresh proof for one request.
-
-    ``generate()`` makes a new key; ``from_jwk()`` loads one a client stored (``private_jwk``).
-    """
-
-    def __init__(self, key: ECKey | RSAKey | OKPKey, alg: str) -> None:
-        self.key = key
-        self.alg = alg
-
-    def __repr__(self) -> str:
-        # The thumbprint is public; the private key never goes into a repr or a log.
-        return f"DPoPKey(alg={self.alg!r}, jkt={self.jkt!r})"
-
-    @classmethod
-    def generate(cls, alg: str = "ES256") -> DPoPKey:
-        """A new key pair for ``alg``: ES256 (default), ES384, ES512, EdDSA, RS256 or PS256."""
-        return cls(_generate(alg), alg)
-
-    @classmethod
-    def from_jwk(cls, jwk: Mapping[str, Any], alg: str | None = None) -> DPoPKey:
-        """Load a private JWK (as ``private_jwk`` gives). ``alg`` defaults to the JWK's ``alg``,
-        else the one its curve implies; an RSA key without ``alg`` needs it given."""
-        if "d" not in jwk:
-            raise ValueError("from_jwk needs a private key (a JWK with 'd')")
-        if jwk.get("kty") not in ("EC", "OKP", "RSA"):
-            raise ValueError("from_jwk takes an EC, OKP or RSA key")
-        chosen = alg or jwk.get("alg") or _IMPLIED_ALG.get(str(jwk.get("crv")))
-        if chosen is None:
-            raise ValueError("an RSA key needs alg= ('RS256' or 'PS256')")
-        if chosen not in _GENERATORS:
-            raise ValueError(f"alg must be one of {', '.join(_GENERATORS)}")
-        members = {k: v for k, v in jwk.items() if k != "alg"}
-        key = import_key(members)
-        if not isinstance(key, ECKey | RSAKey | OKPKey):  # pragma: no cover - kty checked above
-            raise ValueError("from_jwk takes an EC, OKP or RSA key")
-        return cls(key, chosen)
-
-    @property
-    def public_jwk(self) -> dict[str, Any]:
-        """The public key as a JWK: what goes into the proof header's ``jwk``."""
-        return dict(self.key.as_dict(private=False))
-
-    @property
-    def private_jwk(self) -> dict[str, Any]:
-        """The key pair as a JWK with its ``alg``, for a client that keeps its key. Secret."""
-        return {**self.key.as_dict(private=True), "alg": self.alg}
-
-    @property
-    def jkt(self) -> str:
-        """RFC 7638 SHA-256 thumbprint of the public key (what ``cnf.jkt`` carries)."""
-        return self.key.thumbprint()
-
-    def proof(
-        self,
-        method: str,
-        url: str,
-        *,
-        access_token: str | None = None,
-        nonce: str | None = None,
-        iat: float | None = None,
-        jti: str | None = None,
-        htu: str | None = None,
-        claims: Mapping[str, Any] | None = None,
-        header: Mapping[str, Any] | None = None,
-    ) -> str:
-        """A signed proof for ``method`` ``url`` (RFC 9449 section 4.2).
-
-        ``url`` may carry a query or fragment: they are dropped from ``htu``. ``access_token``
-        adds ``ath``, ``nonce`` the server's nonce. For negative tests: ``iat``, ``jti`` and
-        ``htu`` replace the computed values as given; ``claims`` and ``header`` override or add
-        members (``REMOVE`` leaves one out), and a ``header`` ``alg`` is also the one signed with.
-        """
-        payload: dict[str, Any] = {
-            "jti": jti or secrets.token_urlsafe(16),
-            "htm": method,
-            "htu": url.split("#", 1)[0].split("?", 1)[0] if htu is None else htu,
-            "iat": int(time.time()) if iat is None else iat,
-        }
-        if access_token is not None:
-            payload["ath"] = ath_for(access_token)
-        if nonce is not None:
-            payload["nonce"] = nonce
-        _merge(payload, claims)
-        protected = _merge({"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public_jwk}, header)
-        return sign_compact(protected, payload, self.key, protected.get("alg", self.alg))
-
-
-def _generate(alg: str) -> ECKey | RSAKey | OKPKey:
-    if alg not in _GENERATORS:
-        raise ValueError(f"alg must be one of {', '.join(_GENERATORS)}, got {alg!r}")
-    return _GENERATORS[alg]()
-
-
-def sign_compact(
-    header: Mapping[str, Any], payload: Mapping[str, Any], key: ECKey | RSAKey | OKPKey, alg: str
-) -> str:
-    """Sign a compact JWS with exactly the given header (joserfc, explicit algorithm list)."""
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return jws.serialize_compact(dict(header), body, key, algorithms=[alg])
+from dpop_middleware.client import REMOVE, DPoPKey, _generate, _merge, ath_for, sign_compact
 
 
 class TokenIssuer:
@@ -226,6 +92,335 @@ class TokenIssuer:
         protected = _merge({"typ": "at+jwt", "alg": self.alg, "kid": self.kid}, header)
         return sign_compact(protected, payload, self.key, protected.get("alg", self.alg))
 
+    def serve(
+        self, *, clients: Mapping[str, str | None] | None = None, **options: Any
+    ) -> AuthorizationServer:
+        """A real authorization server for this issuer on a free loopback port, run in a thread
+        for the length of a ``with`` block (see :class:`AuthorizationServer` for ``options``).
+        ``clients`` maps client ids to secrets (None: a public client); by default one client,
+        ``client-abc`` with secret ``secret-abc``."""
+        return AuthorizationServer(
+            self, clients={"client-abc": "secret-abc"} if clients is None else clients, **options
+        )
+
+
+class AuthorizationServer:
+    """A small real OAuth 2.0 authorization server on loopback, for tests: a thread, stdlib only.
+
+    Made by :meth:`TokenIssuer.serve`; while the ``with`` block runs, the issuer's ``issuer`` is
+    this server's URL (``http://127.0.0.1:PORT`` plus ``path``), so its tokens and ``settings()``
+    name it. It serves:
+
+    * the metadata document (RFC 8414) at ``/.well-known/oauth-authorization-server{path}`` and
+      the OpenID one at ``{path}/.well-known/openid-configuration`` (``well_known`` picks which);
+      ``metadata`` adds or replaces members (``REMOVE`` leaves one out) for negative tests;
+    * the JWK Set at ``{path}/jwks``;
+    * the token endpoint ``{path}/token``: client credentials and refresh token grants, client
+      authentication ``client_secret_basic`` / ``client_secret_post`` (``none`` for public
+      clients, whose secret in ``clients`` is None). Every request needs a DPoP proof, checked
+      with the middleware's own proof checks (RFC 9449 section 5: ``htm`` POST, ``htu`` the token
+      endpoint, fresh ``iat``, unused ``jti``); with ``require_nonce`` it must carry the server's
+      current nonce, else ``400 use_dpop_nonce`` with a ``DPoP-Nonce`` header (section 8). Tokens
+      are bound to the proof's key (``cnf.jkt``). Refresh tokens of confidential clients are bound
+      to the client, those of public clients to the DPoP key too (section 5), and rotate.
+
+    ``token_requests`` records each token request (grant, client authentication, proof claims)
+    for assertions; ``rotate_nonce()`` makes a new nonce.
+    """
+
+    def __init__(
+        self,
+        issuer: TokenIssuer,
+        *,
+        clients: Mapping[str, str | None],
+        require_nonce: bool = False,
+        path: str = "",
+        well_known: tuple[str, ...] = ("oauth-authorization-server", "openid-configuration"),
+        metadata: Mapping[str, Any] | None = None,
+        auth_methods: tuple[str, ...] = ("client_secret_basic", "client_secret_post", "none"),
+        lifetime: float = 300,
+        token_type: str = "DPoP",  # noqa: S107 - a token type, not a secret
+        issue_refresh_tokens: bool = True,
+        host: str = "127.0.0.1",
+    ) -> None:
+        from dpop_middleware.core.proof import ProofParser
+        from dpop_middleware.settings import DEFAULT_ALGORITHMS
+
+        self.issuer_kit = issuer
+        self.clients = dict(clients)
+        self.require_nonce = require_nonce
+        self.path = "/" + path.strip("/") if path.strip("/") else ""
+        self.well_known = well_known
+        self.extra_metadata = dict(metadata or {})
+        self.auth_methods = auth_methods
+        self.lifetime = lifetime
+        self.token_type = token_type
+        self.issue_refresh_tokens = issue_refresh_tokens
+        self.algorithms = DEFAULT_ALGORITHMS
+        self.nonce: str = secrets.token_urlsafe(16)
+        self.token_requests: list[dict[str, Any]] = []
+        self._proofs = ProofParser(self.algorithms, max_jti_length=128, cache_size=64)
+        self._jtis: set[tuple[str, str]] = set()
+        self._refresh: dict[str, tuple[str, str | None, str]] = {}  # token -> client, jkt, scope
+        self._lock = threading.Lock()
+        self._saved_issuer = issuer.issuer
+        self._httpd = _http_server(self, host)
+        port = self._httpd.server_address[1]
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.origin = f"http://{netloc}"
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The issuer identifier (what ``iss`` and the metadata's ``issuer`` say)."""
+        return self.origin + self.path
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.url + "/token"
+
+    @property
+    def jwks_uri(self) -> str:
+        return self.url + "/jwks"
+
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        """Middleware settings that trust this server through its ``jwks_uri``."""
+        return {
+            "issuer": self.url,
+            "audience": self.issuer_kit.audience,
+            "jwks_uri": self.jwks_uri,
+            **extra,
+        }
+
+    def rotate_nonce(self) -> str:
+        self.nonce = secrets.token_urlsafe(16)
+        return self.nonce
+
+    def issue_refresh_token(
+        self, client_id: str, *, bound_to: DPoPKey | None = None, scope: str = "read"
+    ) -> str:
+        """A refresh token for ``client_id`` as if from an earlier grant (a public client's is
+        bound to ``bound_to``, RFC 9449 section 5)."""
+        refresh = secrets.token_urlsafe(24)
+        with self._lock:
+            self._refresh[refresh] = (client_id, bound_to.jkt if bound_to else None, scope)
+        return refresh
+
+    def metadata_document(self) -> dict[str, Any]:
+        document = {
+            "issuer": self.url,
+            "token_endpoint": self.token_endpoint,
+            "jwks_uri": self.jwks_uri,
+            "grant_types_supported": ["client_credentials", "refresh_token"],
+            "token_endpoint_auth_methods_supported": list(self.auth_methods),
+            "dpop_signing_alg_values_supported": list(self.algorithms),
+        }
+        return _merge(document, self.extra_metadata)
+
+    def __enter__(self) -> AuthorizationServer:
+        self.issuer_kit.issuer = self.url
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"authorization-server:{self.origin}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.issuer_kit.issuer = self._saved_issuer
+
+    # -- request handling (called from the server's threads) --------------------------------------
+
+    def handle(
+        self, method: str, path: str, headers: Any, body: bytes
+    ) -> tuple[int, dict[str, str], Any]:
+        """One request: (status, headers, JSON body)."""
+        if method == "GET":
+            documents = {
+                f"/.well-known/oauth-authorization-server{self.path}": "oauth-authorization-server",
+                f"{self.path}/.well-known/openid-configuration": "openid-configuration",
+            }
+            if documents.get(path) in self.well_known:
+                return 200, {}, self.metadata_document()
+            if path == f"{self.path}/jwks":
+                return 200, {}, self.issuer_kit.jwks
+            return 404, {}, {"error": "not_found"}
+        if method == "POST" and path == f"{self.path}/token":
+            with self._lock:
+                return self._token(headers, body)
+        return 405 if path == f"{self.path}/token" else 404, {}, {"error": "not_found"}
+
+    def _token(self, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
+        from urllib.parse import parse_qs
+
+        no_store = {"Cache-Control": "no-store"}
+
+        def error(
+            status: int, code: str, extra: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str], Any]:
+            return status, {**no_store, **(extra or {})}, {"error": code}
+
+        try:
+            form = {k: v[0] for k, v in parse_qs(body.decode(), strict_parsing=False).items()}
+        except UnicodeDecodeError:
+            return error(400, "invalid_request")
+        # Client authentication (RFC 6749 section 2.3: one method only).
+        client_id, secret, method = _client_auth(headers.get("Authorization"), form)
+        if method is None:
+            return error(400, "invalid_request")
+        known = self.clients.get(client_id or "", REMOVE)
+        good = (
+            known is not REMOVE
+            and method in self.auth_methods
+            and (
+                (method == "none" and known is None)
+                or (
+                    method != "none"
+                    and isinstance(known, str)
+                    and secret is not None
+                    and hmac.compare_digest(known.encode(), secret.encode())
+                )
+            )
+        )
+        if not good:
+            basic = {"WWW-Authenticate": 'Basic realm="token"'}
+            return error(401, "invalid_client", basic if method == "client_secret_basic" else None)
+        # The DPoP proof (RFC 9449 section 5, checked as section 4.3 says).
+        proof, problem = self._check_proof(headers.get_all("DPoP") or [])
+        self.token_requests.append({
+            "grant_type": form.get("grant_type"),
+            "client_id": client_id,
+            "auth_method": method,
+            "proof": None if proof is None else dict(proof.claims),
+            "refused": problem,
+        })  # fmt: skip
+        if problem == "use_dpop_nonce":
+            return error(400, "use_dpop_nonce", {"DPoP-Nonce": self.nonce})
+        if problem is not None or proof is None:
+            return error(400, "invalid_dpop_proof")
+        jkt = proof.key.jkt
+        grant = form.get("grant_type")
+        if grant == "client_credentials":
+            if method == "none":
+                return error(400, "unauthorized_client")
+            scope = form.get("scope", "read")
+        elif grant == "refresh_token":
+            held = self._refresh.get(form.get("refresh_token", ""))
+            if held is None or held[0] != client_id or (held[1] is not None and held[1] != jkt):
+                return error(400, "invalid_grant")
+            del self._refresh[form["refresh_token"]]  # rotated
+            scope = held[2]
+        else:
+            return error(400, "unsupported_grant_type")
+        token = self.issuer_kit.token(
+            bound_to=jkt,
+            lifetime=self.lifetime,
+            claims={"client_id": client_id, "sub": client_id, "scope": scope},
+        )
+        answer: dict[str, Any] = {
+            "access_token": token,
+            "token_type": self.token_type,
+            "expires_in": int(self.lifetime),
+            "scope": scope,
+        }
+        if self.issue_refresh_tokens:
+            refresh = secrets.token_urlsafe(24)
+            self._refresh[refresh] = (str(client_id), jkt if method == "none" else None, scope)
+            answer["refresh_token"] = refresh
+        extra = {"DPoP-Nonce": self.nonce} if self.require_nonce else {}
+        return 200, {**no_store, **extra}, answer
+
+    def _check_proof(self, values: list[str]) -> tuple[Any, str | None]:
+        from dpop_middleware.core.headers import proof_value
+        from dpop_middleware.core.htu import check_htu, normalize_uri
+        from dpop_middleware.core.proof import check_iat
+        from dpop_middleware.errors import InvalidDPoPProofError
+
+        try:
+            value = proof_value(values, 8192)
+            if value is None:
+                return None, "proof_missing"
+            proof = self._proofs.parse(value)
+            if proof.htm != "POST":
+                return proof, "htm_mismatch"
+            check_htu(proof.htu, normalize_uri(self.token_endpoint))
+            check_iat(proof, self.issuer_kit.clock(), 60, 10)
+        except InvalidDPoPProofError as exc:
+            return None, exc.reason
+        if self.require_nonce and proof.nonce != self.nonce:
+            return proof, "use_dpop_nonce"
+        seen = (proof.key.jkt, proof.jti)
+        if seen in self._jtis:
+            return proof, "replayed"
+        self._jtis.add(seen)
+        return proof, None
+
+
+def _client_auth(
+    authorization: str | None, form: dict[str, str]
+) -> tuple[str | None, str | None, str | None]:
+    """(client_id, secret, method) of a token request; method None when it is ambiguous."""
+    import base64
+    from urllib.parse import unquote_plus
+
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "basic" or "client_secret" in form:
+            return None, None, None
+        try:
+            pair = base64.b64decode(value.strip(), validate=True).decode()
+        except ValueError:
+            return None, None, None
+        client_id, sep, secret = pair.partition(":")
+        if not sep or ("client_id" in form and form["client_id"] != unquote_plus(client_id)):
+            return None, None, None
+        return unquote_plus(client_id), unquote_plus(secret), "client_secret_basic"
+    if "client_secret" in form:
+        return form.get("client_id"), form["client_secret"], "client_secret_post"
+    return form.get("client_id"), None, "none"
+
+
+def _http_server(owner: AuthorizationServer, host: str) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self, method: str) -> None:
+            size = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(min(size, 65536)) if size else b""
+            path = self.path.split("?", 1)[0]
+            status, headers, document = owner.handle(method, path, self.headers, body)
+            payload = json.dumps(document).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            self._answer("GET")
+
+        def do_POST(self) -> None:
+            self._answer("POST")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: tests assert on responses, and a log could show a secret
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+    return Server((host, 0), Handler)
+
 
 @contextmanager
 def serve(app: Any, *, host: str = "127.0.0.1", timeout: float = 5.0) -> Iterator[str]:
@@ -261,4 +456,12 @@ def serve(app: Any, *, host: str = "127.0.0.1", timeout: float = 5.0) -> Iterato
         sock.close()
 
 
-__all__ = ["REMOVE", "DPoPKey", "TokenIssuer", "ath_for", "serve", "sign_compact"]
+__all__ = [
+    "REMOVE",
+    "AuthorizationServer",
+    "DPoPKey",
+    "TokenIssuer",
+    "ath_for",
+    "serve",
+    "sign_compact",
+]
