@@ -13,6 +13,7 @@ from dpop_middleware.core.verifier import DPoPResult, Refusal, Verifier
 from dpop_middleware.errors import (
     ConfigurationError,
     DPoPError,
+    InsufficientScopeError,
     InvalidDPoPProofError,
     InvalidRequestError,
     InvalidTokenError,
@@ -33,6 +34,7 @@ __all__ = [
     "DPoPMiddleware",
     "DPoPResult",
     "DPoPWSGIMiddleware",
+    "InsufficientScopeError",
     "InvalidDPoPProofError",
     "InvalidRequestError",
     "InvalidTokenError",

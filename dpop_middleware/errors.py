@@ -74,6 +74,31 @@ class UseDPoPNonceError(DPoPError):
     status = 401
 
 
+class InsufficientScopeError(DPoPError):
+    """The token is valid but lacks a scope the route needs (RFC 6750 section 3.1): 403, and the
+    challenge names the scopes needed in its ``scope`` parameter (RFC 6750 section 3)."""
+
+    error = "insufficient_scope"
+    status = 403
+
+    def __init__(
+        self,
+        scopes: tuple[str, ...],
+        *,
+        scheme: Scheme = "DPoP",
+        log_detail: str | None = None,
+    ) -> None:
+        super().__init__(
+            "insufficient_scope",
+            "The access token does not have the scope this request needs",
+            scheme=scheme,
+            log_detail=log_detail,
+        )
+        #: The scopes the request needs, in the order configured (all of them, not only the
+        #: missing ones: RFC 6750 section 3 "the scope necessary to access the resource").
+        self.scopes = scopes
+
+
 class ServiceUnavailableError(DPoPError):
     """We cannot decide (replay store or JWKS unreachable): refuse, but not as the client's fault."""
 

@@ -29,6 +29,7 @@ from dpop_middleware.core.nonce import NonceIssuer
 from dpop_middleware.core.paths import check_path, under
 from dpop_middleware.core.proof import Proof, ProofParser, check_ath, check_iat
 from dpop_middleware.core.request import RequestInfo
+from dpop_middleware.core.scopes import ScopeRules, check_scopes, parse_scopes
 from dpop_middleware.core.token import (
     AccessTokenChecker,
     VerifiedToken,
@@ -75,6 +76,13 @@ class DPoPResult(NamedTuple):
         sub = self.claims.get("sub")
         return sub if isinstance(sub, str) else None
 
+    @property
+    def scopes(self) -> frozenset[str]:
+        """The token's scopes: ``scope`` split on spaces (RFC 9068 section 2.2.3), or ``scp``
+        (a list or a string); empty when absent or malformed. Parsed on each access, so apps
+        that never ask pay nothing."""
+        return parse_scopes(self.claims)
+
 
 class Pending(NamedTuple):
     """A request that passed every check but replay; the adapter records ``replay_key``.
@@ -120,6 +128,10 @@ class Verifier:
         self._excluded = bool(settings.exclude_paths)
         self._pass_preflight = settings.cors_preflight == "pass"
         self._max_path = settings.max_path_length
+        # None without rules: the warm path pays one ``is not None`` test.
+        self._scope_rules = (
+            ScopeRules(settings.required_scopes) if settings.required_scopes else None
+        )
 
     @property
     def keys(self) -> IssuerKeys | None:
@@ -178,7 +190,10 @@ class Verifier:
         proof_value = hdr.proof_value(found.proofs, settings.max_proof_size)
 
         if scheme == "bearer":
-            return self._check_bearer(authorization, token, ath, now, cached)
+            pending = self._check_bearer(authorization, token, ath, now, cached)
+            if self._scope_rules is not None:
+                self._check_scope_rules(request, pending.result, self._scope_rules)
+            return pending
 
         # RFC 9449 section 7.1: a DPoP token MUST come with a proof.
         if proof_value is None:
@@ -209,7 +224,17 @@ class Verifier:
         ).digest()
         # A copy of the claims: the cached ones are never handed to the application.
         result = DPoPResult(dict(verified.claims), key.jkt, "DPoP", proof.claims)
+        if self._scope_rules is not None:
+            # After every other check, before the replay record: a refusal burns no jti.
+            self._check_scope_rules(request, result, self._scope_rules)
         return Pending(result, replay_key, self._ttl, response_headers)
+
+    @staticmethod
+    def _check_scope_rules(request: RequestInfo, result: DPoPResult, rules: ScopeRules) -> None:
+        """``required_scopes``: 403 ``insufficient_scope`` (RFC 6750 section 3.1)."""
+        needed = rules.needed(request.route_path, request.method)
+        if needed:
+            check_scopes(needed, result.claims, result.scheme)
 
     def _nonce_freshness(
         self, proof: Proof, request: RequestInfo, now: float, nonces: NonceIssuer

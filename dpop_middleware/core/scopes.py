@@ -1,0 +1,75 @@
+"""Scopes: what a verified token may do, and which scopes a route needs.
+
+* A token's scopes come from its ``scope`` claim, a space-delimited string (RFC 9068 section
+  2.2.3, RFC 6749 section 3.3); issuers that use ``scp`` instead (a list of strings, or a
+  string) are read too. ``scope`` wins when both are present. A malformed value (a number, a
+  list holding a non-string) gives no scopes at all: it never passes a scope check and never
+  fails a request with a 500.
+* ``required_scopes`` rules match the path the application routes on by whole segments, exactly
+  like ``exclude_paths`` (:func:`~dpop_middleware.core.paths.under`), and optionally the method;
+  every matching rule applies, so a request needs the union of their scopes.
+* A verified token lacking a needed scope is refused with 403 ``insufficient_scope`` and the
+  needed scopes in the challenge (RFC 6750 section 3.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from dpop_middleware.core.paths import under
+from dpop_middleware.errors import InsufficientScopeError
+from dpop_middleware.settings import ScopeRule
+
+_NO_SCOPES: frozenset[str] = frozenset()
+
+
+def parse_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """The token's scopes: ``scope`` (space-delimited string) or else ``scp`` (list or string)."""
+    value = claims.get("scope")
+    if value is None:
+        value = claims.get("scp")
+        if isinstance(value, list | tuple):
+            if all(isinstance(item, str) for item in value):
+                return frozenset(item for item in value if item)
+            return _NO_SCOPES
+    if isinstance(value, str):
+        # RFC 6749 section 3.3: scope-tokens delimited by spaces (%x20); empty parts are ignored.
+        return frozenset(part for part in value.split(" ") if part)
+    return _NO_SCOPES
+
+
+class ScopeRules:
+    """The ``required_scopes`` rules, ready for per-request lookups."""
+
+    __slots__ = ("_rules",)
+
+    def __init__(self, rules: tuple[ScopeRule, ...]) -> None:
+        self._rules = tuple((rule, (rule.path,)) for rule in rules)
+
+    def needed(self, route_path: str, method: str) -> tuple[str, ...]:
+        """Every scope of every rule matching the request, in configured order, no duplicates."""
+        found: list[str] = []
+        for rule, prefix in self._rules:
+            if (rule.methods is None or method in rule.methods) and under(route_path, prefix):
+                found.extend(rule.scopes)
+        return tuple(dict.fromkeys(found)) if found else ()
+
+
+def check_scopes(
+    needed: Iterable[str],
+    claims: Mapping[str, Any],
+    scheme: Literal["DPoP", "Bearer"],
+) -> None:
+    """Raise 403 ``insufficient_scope`` unless the token has every scope in ``needed``.
+
+    The error goes on the challenge of the scheme the request used (RFC 9449 section 7.2)."""
+    needed = tuple(dict.fromkeys(needed))
+    if not needed:
+        return
+    have = parse_scopes(claims)
+    missing = [scope for scope in needed if scope not in have]
+    if missing:
+        raise InsufficientScopeError(
+            needed, scheme=scheme, log_detail=f"missing={' '.join(missing)[:200]!r}"
+        )
