@@ -137,7 +137,7 @@ _KEYS: tuple[str, ...] = tuple(f for f in Settings.__dataclass_fields__)
 _NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context")
 _RULE_KEYS = ("path", "methods", "scopes")
 #: RFC 6749 section 3.3: scope-token = 1*NQCHAR (no space, no quote, no backslash).
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 #: RFC 9110 section 5.6.2 token, upper-case letters only (methods are case-sensitive, 9.1).
 _METHOD = re.compile(r"[A-Z0-9!#$%&'*+\-.^_`|~]+")
 
@@ -279,7 +279,7 @@ def _scope_rules(value: Any) -> tuple[ScopeRule, ...]:
             isinstance(scopes, str)
             or not isinstance(scopes, Sequence)
             or not scopes
-            or not all(isinstance(s, str) and _SCOPE_TOKEN.fullmatch(s) for s in scopes)
+            or not all(isinstance(s, str) and SCOPE_TOKEN.fullmatch(s) for s in scopes)
         ):
             raise _fail(
                 f"{where}.scopes",

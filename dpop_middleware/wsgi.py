@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from dpop_middleware.core.request import RequestInfo, encoded_path
-from dpop_middleware.flow import Engine
+from dpop_middleware.flow import ENGINE_KEY, Engine
 from dpop_middleware.replay import create_sync_store
 from dpop_middleware.replay.base import ReplayStore
 from dpop_middleware.settings import Settings
@@ -87,6 +87,8 @@ class DPoPWSGIMiddleware:
             start_response(status, [(_title(k), v) for k, v in headers])
             # A HEAD response has no body (RFC 9110 section 9.3.2); Content-Length stays.
             return [] if environ.get("REQUEST_METHOD") == "HEAD" else [refusal.body]
+        # The per-route helpers (dpop_middleware.routes) refuse through this Engine.
+        environ[ENGINE_KEY] = self.engine
         if outcome.result is not None:
             environ["dpop"] = outcome.result
         extra = outcome.response_headers

@@ -692,7 +692,7 @@ def test_adapters_import_no_framework() -> None:
     only ``dpop_middleware.fastapi`` imports FastAPI."""
     code = (
         "import sys, dpop_middleware, dpop_middleware.asgi, dpop_middleware.wsgi, "
-        "dpop_middleware.django\n"
+        "dpop_middleware.django, dpop_middleware.routes\n"
         "dpop_middleware.DPoPMiddleware, dpop_middleware.DPoPWSGIMiddleware\n"
         "bad = {'django', 'starlette', 'fastapi', 'flask', 'werkzeug'} & set(sys.modules)\n"
         "assert not bad, bad\n"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
@@ -40,6 +40,7 @@ from dpop_middleware.errors import (
     DPoPError,
     InvalidDPoPProofError,
     InvalidTokenError,
+    MissingCredentialsError,
     ServiceUnavailableError,
     UseDPoPNonceError,
 )
@@ -281,6 +282,15 @@ class Verifier:
                 "downgrade", "DPoP-bound access token sent as a Bearer token", scheme="Bearer"
             )
         return Pending(DPoPResult(dict(verified.claims), None, "Bearer"), None, 0.0)
+
+    def authorize(self, result: DPoPResult | None, scopes: Iterable[str] = ()) -> None:
+        """A per-route check: 401 (no error code, RFC 6750 section 3.1) when nothing was verified
+        (an excluded path, a preflight, ``report_only``), else 403 ``insufficient_scope`` unless
+        the token has every scope in ``scopes``."""
+        if result is None:
+            raise MissingCredentialsError("not_verified", "DPoP authentication required")
+        if scopes:
+            check_scopes(scopes, result.claims, result.scheme)
 
     def finish(self, pending: Pending, first_seen: bool) -> DPoPResult:
         """Take the replay store's answer (RFC 9449 section 11.1)."""
