@@ -13,6 +13,7 @@ from dpop_middleware.core.verifier import DPoPResult, Refusal, Verifier
 from dpop_middleware.errors import (
     ConfigurationError,
     DPoPError,
+    InsufficientClaimsError,
     InsufficientScopeError,
     InvalidDPoPProofError,
     InvalidRequestError,
@@ -34,6 +35,7 @@ __all__ = [
     "DPoPMiddleware",
     "DPoPResult",
     "DPoPWSGIMiddleware",
+    "InsufficientClaimsError",
     "InsufficientScopeError",
     "InvalidDPoPProofError",
     "InvalidRequestError",

@@ -32,7 +32,14 @@ from typing import Any, TypeVar, cast
 
 from dpop_middleware.core.verifier import DPoPResult, Refusal
 from dpop_middleware.errors import ConfigurationError
-from dpop_middleware.routes import asgi_refusal, header_name, route_scopes, sync_refusal
+from dpop_middleware.routes import (
+    asgi_refusal,
+    header_name,
+    route_claims,
+    route_scopes,
+    sync_refusal,
+)
+from dpop_middleware.settings import ClaimRequirements
 
 __all__ = [
     "DPoPRequiredMixin",
@@ -87,18 +94,22 @@ def _source(request: Any) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def dpop_required(*, scopes: str | Iterable[str] = ()) -> Callable[[View], View]:
-    """Require a verified token with every scope in ``scopes`` on a Django function view (sync or
-    async), refusing exactly as the middleware does: 403 ``insufficient_scope``, or 401 when
-    nothing was verified. Scope names are checked here, at start-up."""
+def dpop_required(
+    *, scopes: str | Iterable[str] = (), claims: Mapping[str, Any] | None = None
+) -> Callable[[View], View]:
+    """Require a verified token with every scope in ``scopes`` (and every claim value in
+    ``claims``) on a Django function view (sync or async), refusing exactly as the middleware
+    does: 403 ``insufficient_scope`` (a claim: 403 ``claim_mismatch``), or 401 when nothing was
+    verified. Both are checked here, at start-up."""
     needed = route_scopes(scopes, "dpop_required(scopes=...)")
+    required = route_claims(claims, "dpop_required(claims=...)")
 
     def decorate(view: View) -> View:
         if inspect.iscoroutinefunction(view):
 
             @functools.wraps(view)
             async def guarded_async(request: Any, *args: Any, **kwargs: Any) -> Any:
-                refusal = await _refusal_async(request, needed)
+                refusal = await _refusal_async(request, needed, required)
                 if refusal is not None:
                     return refusal_response(refusal)
                 return await view(request, *args, **kwargs)
@@ -107,7 +118,7 @@ def dpop_required(*, scopes: str | Iterable[str] = ()) -> Callable[[View], View]
 
         @functools.wraps(view)
         def guarded(request: Any, *args: Any, **kwargs: Any) -> Any:
-            refusal = sync_refusal(_source(request), needed)
+            refusal = sync_refusal(_source(request), needed, required)
             if refusal is not None:
                 return refusal_response(refusal)
             return view(request, *args, **kwargs)
@@ -117,11 +128,13 @@ def dpop_required(*, scopes: str | Iterable[str] = ()) -> Callable[[View], View]
     return decorate
 
 
-async def _refusal_async(request: Any, scopes: tuple[str, ...]) -> Refusal | None:
+async def _refusal_async(
+    request: Any, scopes: tuple[str, ...], claims: ClaimRequirements
+) -> Refusal | None:
     source = _source(request)
     if "type" in source and "asgi" in source:
-        return await asgi_refusal(source, scopes)
-    return sync_refusal(source, scopes)
+        return await asgi_refusal(source, scopes, claims)
+    return sync_refusal(source, scopes, claims)
 
 
 class DPoPRequiredMixin:
@@ -132,26 +145,30 @@ class DPoPRequiredMixin:
 
     #: The scopes every method of this view needs (empty: a verified token is enough).
     dpop_scopes: tuple[str, ...] | list[str] | str = ()
+    #: Claim values every method of this view needs, e.g. ``{"tenant": "acme"}``.
+    dpop_claims: Mapping[str, Any] | None = None
     _dpop_needed: tuple[str, ...] = ()
+    _dpop_claims: ClaimRequirements = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Checked when the class is defined, at start-up, like every setting.
         cls._dpop_needed = route_scopes(cls.dpop_scopes, f"{cls.__name__}.dpop_scopes")
+        cls._dpop_claims = route_claims(cls.dpop_claims, f"{cls.__name__}.dpop_claims")
 
     def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        needed = self._dpop_needed
+        needed, claims = self._dpop_needed, self._dpop_claims
         parent = super().dispatch  # type: ignore[misc]
         if getattr(self, "view_is_async", False):
 
             async def run() -> Any:
-                refusal = await _refusal_async(request, needed)
+                refusal = await _refusal_async(request, needed, claims)
                 if refusal is not None:
                     return refusal_response(refusal)
                 return await parent(request, *args, **kwargs)
 
             return run()
-        refusal = sync_refusal(_source(request), needed)
+        refusal = sync_refusal(_source(request), needed, claims)
         if refusal is not None:
             return refusal_response(refusal)
         return parent(request, *args, **kwargs)

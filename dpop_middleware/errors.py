@@ -27,6 +27,8 @@ class DPoPError(Exception):
 
     error: ClassVar[str | None] = None
     status: ClassVar[int] = 401
+    #: The JSON body's ``error`` when there is no RFC code (``error`` is None).
+    body_error: ClassVar[str] = "unauthorized"
 
     def __init__(
         self,
@@ -97,6 +99,18 @@ class InsufficientScopeError(DPoPError):
         #: The scopes the request needs, in the order configured (all of them, not only the
         #: missing ones: RFC 6750 section 3 "the scope necessary to access the resource").
         self.scopes = scopes
+
+
+class InsufficientClaimsError(DPoPError):
+    """403: the token is valid, but a claim the route requires (``claims``) has another value.
+
+    RFC 6750 registers no error code for this, and ``insufficient_scope`` would send the client
+    to ask for scopes that cannot help, so the challenge carries no error code; the JSON body
+    says ``forbidden`` and the log line's reason is ``claim_mismatch``."""
+
+    error = None
+    status = 403
+    body_error = "forbidden"
 
 
 class ServiceUnavailableError(DPoPError):

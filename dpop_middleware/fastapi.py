@@ -28,6 +28,7 @@ This is the only module that imports FastAPI.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Security, WebSocketException, status
@@ -38,7 +39,7 @@ from starlette.requests import HTTPConnection
 
 from dpop_middleware.core.verifier import DPoPResult
 from dpop_middleware.flow import ENGINE_KEY, RouteRefusedError
-from dpop_middleware.routes import asgi_refusal, result_of, route_scopes
+from dpop_middleware.routes import asgi_refusal, result_of, route_claims, route_scopes
 
 __all__ = [
     "DPoPAuth",
@@ -62,7 +63,15 @@ class DPoPSecurity(SecurityBase):
     under "Authorize" but cannot sign proofs, so "Try it out" cannot call a protected route.
     """
 
-    def __init__(self, *, scheme_name: str = "DPoP", description: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        claims: Mapping[str, Any] | None = None,
+        scheme_name: str = "DPoP",
+        description: str | None = None,
+    ) -> None:
+        #: Claim values every request through this dependency needs (403 ``claim_mismatch``).
+        self.claims = route_claims(claims, "DPoPSecurity(claims=...)")
         self.model = HTTPBase(
             scheme="DPoP",
             description=description
@@ -76,7 +85,7 @@ class DPoPSecurity(SecurityBase):
     ) -> DPoPResult:
         scope = connection.scope
         scopes = security_scopes.scopes
-        refusal = await asgi_refusal(scope, scopes)
+        refusal = await asgi_refusal(scope, scopes, self.claims)
         if refusal is None:
             result = result_of(scope)
             assert result is not None  # asgi_refusal passed it
@@ -99,11 +108,13 @@ require_dpop = DPoPSecurity()
 
 
 # CamelCase like FastAPI's own markers (Depends, Security).
-def DPoPScopes(*scopes: str) -> Any:
+def DPoPScopes(*scopes: str, claims: Mapping[str, Any] | None = None) -> Any:
     """``Security(require_dpop, scopes=[...])`` in one call, with the scope names checked when the
     route is declared: ``dpop: Annotated[DPoPResult, DPoPScopes("write")]`` or
-    ``dependencies=[DPoPScopes("admin")]``."""
-    return Security(require_dpop, scopes=list(route_scopes(scopes, "DPoPScopes")))
+    ``dependencies=[DPoPScopes("admin")]``. ``claims={"tenant": "acme"}`` also requires claim
+    values (403, reason ``claim_mismatch``)."""
+    checker = require_dpop if not claims else DPoPSecurity(claims=claims)
+    return Security(checker, scopes=list(route_scopes(scopes, "DPoPScopes")))
 
 
 #: ``dpop: DPoPAuth`` in a path operation's parameters: the result, or 401.

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 from flask import Response, request
 
 from dpop_middleware.core.verifier import DPoPResult, Refusal
-from dpop_middleware.routes import header_name, result_of, route_scopes, wsgi_refusal
+from dpop_middleware.routes import (
+    header_name,
+    result_of,
+    route_claims,
+    route_scopes,
+    wsgi_refusal,
+)
 
 __all__ = ["dpop_required", "dpop_result", "refusal_response"]
 
@@ -44,17 +50,20 @@ def refusal_response(refusal: Refusal) -> Response:
     return Response(refusal.body, status=refusal.status, headers=headers)
 
 
-def dpop_required(*, scopes: str | Iterable[str] = ()) -> Callable[[View], View]:
-    """Require a verified token with every scope in ``scopes`` on a Flask view (sync or async).
-    Scope names are checked here, at start-up."""
+def dpop_required(
+    *, scopes: str | Iterable[str] = (), claims: Mapping[str, Any] | None = None
+) -> Callable[[View], View]:
+    """Require a verified token with every scope in ``scopes`` (and every claim value in
+    ``claims``) on a Flask view (sync or async). Both are checked here, at start-up."""
     needed = route_scopes(scopes, "dpop_required(scopes=...)")
+    required = route_claims(claims, "dpop_required(claims=...)")
 
     def decorate(view: View) -> View:
         if inspect.iscoroutinefunction(view):
 
             @functools.wraps(view)
             async def guarded_async(*args: Any, **kwargs: Any) -> Any:
-                refusal = wsgi_refusal(request.environ, needed)
+                refusal = wsgi_refusal(request.environ, needed, required)
                 if refusal is not None:
                     return refusal_response(refusal)
                 return await view(*args, **kwargs)
@@ -63,7 +72,7 @@ def dpop_required(*, scopes: str | Iterable[str] = ()) -> Callable[[View], View]
 
         @functools.wraps(view)
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            refusal = wsgi_refusal(request.environ, needed)
+            refusal = wsgi_refusal(request.environ, needed, required)
             if refusal is not None:
                 return refusal_response(refusal)
             return view(*args, **kwargs)

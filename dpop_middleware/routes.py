@@ -7,7 +7,9 @@ beside the result, so a helper needs nothing but the request. Two answers:
 * nothing verified (an excluded path, a passed preflight, a ``report_only`` would-be refusal):
   401 with the challenge and no error code (RFC 6750 section 3.1), reason ``not_verified``;
 * a verified token without every scope the route names: 403 ``insufficient_scope`` with the
-  scopes on the challenge (RFC 6750 section 3.1, RFC 9449 section 7.1).
+  scopes on the challenge (RFC 6750 section 3.1, RFC 9449 section 7.1);
+* a verified token without a claim value the route names (``claims``): 403, reason
+  ``claim_mismatch``.
 
 Without the middleware in front there is nothing to render with: the helper still refuses
 (401, a bare ``DPoP`` challenge) and logs why. Framework-free: the helpers in ``fastapi.py``,
@@ -24,6 +26,7 @@ from typing import Any
 from dpop_middleware.core.verifier import EXPOSE_HEADERS, NO_STORE, DPoPResult, Refusal
 from dpop_middleware.errors import ConfigurationError, DPoPError, MissingCredentialsError
 from dpop_middleware.flow import ENGINE_KEY, Engine
+from dpop_middleware.settings import ClaimRequirements
 
 logger = logging.getLogger("dpop_middleware")
 
@@ -45,6 +48,13 @@ def route_scopes(scopes: str | Iterable[str], where: str = "scopes") -> tuple[st
     return out
 
 
+def route_claims(claims: Mapping[str, Any] | None, where: str = "claims") -> ClaimRequirements:
+    """A helper's required claim values, checked when the route is declared."""
+    from dpop_middleware.settings import claim_requirements
+
+    return claim_requirements(claims or {}, where)
+
+
 def result_of(source: Mapping[str, Any]) -> DPoPResult | None:
     """The verified result in an ASGI scope or WSGI environ, or ``None``."""
     result = source.get("dpop")
@@ -52,13 +62,13 @@ def result_of(source: Mapping[str, Any]) -> DPoPResult | None:
 
 
 def _error(
-    source: Mapping[str, Any], scopes: Iterable[str]
+    source: Mapping[str, Any], scopes: Iterable[str], claims: ClaimRequirements
 ) -> tuple[Engine | None, DPoPError | None]:
     engine = source.get(ENGINE_KEY)
     if not isinstance(engine, Engine):
         return None, MissingCredentialsError("not_verified", "DPoP authentication required")
     try:
-        engine.verifier.authorize(result_of(source), scopes)
+        engine.verifier.authorize(result_of(source), scopes, claims)
     except DPoPError as error:
         return engine, error
     return engine, None
@@ -83,9 +93,11 @@ def _without_middleware(error: DPoPError, path: str) -> Refusal:
     return Refusal(error.status, headers, json.dumps(body).encode(), error)
 
 
-async def asgi_refusal(scope: Mapping[str, Any], scopes: Iterable[str] = ()) -> Refusal | None:
+async def asgi_refusal(
+    scope: Mapping[str, Any], scopes: Iterable[str] = (), claims: ClaimRequirements = ()
+) -> Refusal | None:
     """``None`` when the request passes, else the refusal to send (ASGI ``http``/``websocket``)."""
-    engine, error = _error(scope, scopes)
+    engine, error = _error(scope, scopes, claims)
     if error is None:
         return None
     if engine is None:
@@ -95,9 +107,11 @@ async def asgi_refusal(scope: Mapping[str, Any], scopes: Iterable[str] = ()) -> 
     return await engine.route_refusal_async(request_info(dict(scope)), error)
 
 
-def wsgi_refusal(environ: Mapping[str, Any], scopes: Iterable[str] = ()) -> Refusal | None:
+def wsgi_refusal(
+    environ: Mapping[str, Any], scopes: Iterable[str] = (), claims: ClaimRequirements = ()
+) -> Refusal | None:
     """``None`` when the request passes, else the refusal to send (WSGI)."""
-    engine, error = _error(environ, scopes)
+    engine, error = _error(environ, scopes, claims)
     if error is None:
         return None
     if engine is None:
@@ -107,11 +121,13 @@ def wsgi_refusal(environ: Mapping[str, Any], scopes: Iterable[str] = ()) -> Refu
     return engine.route_refusal_sync(request_info(dict(environ)), error)
 
 
-def sync_refusal(source: Mapping[str, Any], scopes: Iterable[str] = ()) -> Refusal | None:
+def sync_refusal(
+    source: Mapping[str, Any], scopes: Iterable[str] = (), claims: ClaimRequirements = ()
+) -> Refusal | None:
     """For sync code under either protocol (a sync Django view served by ASGI): an ASGI scope
     is recognised by its ``type`` key."""
     if "type" in source and "asgi" in source:
-        engine, error = _error(source, scopes)
+        engine, error = _error(source, scopes, claims)
         if error is None:
             return None
         if engine is None:
@@ -119,7 +135,7 @@ def sync_refusal(source: Mapping[str, Any], scopes: Iterable[str] = ()) -> Refus
         from dpop_middleware.asgi import request_info
 
         return engine.route_refusal_sync(request_info(dict(source)), error)
-    return wsgi_refusal(source, scopes)
+    return wsgi_refusal(source, scopes, claims)
 
 
 def header_name(name: str) -> str:

@@ -56,14 +56,22 @@ class NonceSettings:
         return self.lifetime * self.accepted_steps
 
 
+#: A required claim value: a JSON string, integer or boolean.
+ClaimValue = str | int | bool
+#: Required claims as (name, value) pairs.
+ClaimRequirements = tuple[tuple[str, ClaimValue], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class ScopeRule:
     """One ``required_scopes`` rule: requests under ``path`` (whole segments, as routed) with one
-    of ``methods`` (``None``: every method) need every scope in ``scopes``."""
+    of ``methods`` (``None``: every method) need every scope in ``scopes`` and every claim value
+    in ``claims``."""
 
     path: str
     scopes: tuple[str, ...]
     methods: frozenset[str] | None = None
+    claims: ClaimRequirements = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +143,7 @@ class Settings:
 
 _KEYS: tuple[str, ...] = tuple(f for f in Settings.__dataclass_fields__)
 _NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context")
-_RULE_KEYS = ("path", "methods", "scopes")
+_RULE_KEYS = ("path", "methods", "scopes", "claims")
 #: RFC 6749 section 3.3: scope-token = 1*NQCHAR (no space, no quote, no backslash).
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 #: RFC 9110 section 5.6.2 token, upper-case letters only (methods are case-sensitive, 9.1).
@@ -264,8 +272,8 @@ def _scope_rules(value: Any) -> tuple[ScopeRule, ...]:
         if not isinstance(rule, Mapping):
             raise _fail(where, rule, shape)
         _unknown(list(rule), _RULE_KEYS, f"{where}.")
-        if "path" not in rule or "scopes" not in rule:
-            raise _fail(where, rule, f"a rule with 'path' and 'scopes'; {shape}")
+        if "path" not in rule or ("scopes" not in rule and "claims" not in rule):
+            raise _fail(where, rule, f"a rule with 'path' and 'scopes' (or 'claims'); {shape}")
         path = rule["path"]
         if not _path_ok(path, has_dot_segment):
             raise _fail(
@@ -274,8 +282,8 @@ def _scope_rules(value: Any) -> tuple[ScopeRule, ...]:
                 "a decoded path starting with '/', without '.' or '..' segments",
             )
         path = path.rstrip("/") or "/"
-        scopes = rule["scopes"]
-        if (
+        scopes = rule.get("scopes")
+        if "scopes" in rule and (
             isinstance(scopes, str)
             or not isinstance(scopes, Sequence)
             or not scopes
@@ -303,11 +311,24 @@ def _scope_rules(value: Any) -> tuple[ScopeRule, ...]:
         rules.append(
             ScopeRule(
                 path,
-                tuple(dict.fromkeys(scopes)),
+                tuple(dict.fromkeys(scopes)) if scopes is not None else (),
                 frozenset(methods) if methods is not None else None,
+                claim_requirements(rule.get("claims", {}), f"{where}.claims"),
             )
         )
     return tuple(rules)
+
+
+def claim_requirements(value: Any, key: str) -> ClaimRequirements:
+    """``{"claim": value}``: each name a non-empty string, each value a string, integer or
+    boolean (compared with the claim's JSON type)."""
+    allowed = "a dict of claim name to a string, integer or boolean, e.g. {'tenant': 'acme'}"
+    if not isinstance(value, Mapping):
+        raise _fail(key, value, allowed)
+    for name, expected in value.items():
+        if not isinstance(name, str) or not name or not isinstance(expected, str | int | bool):
+            raise _fail(key, value, allowed)
+    return tuple(value.items())
 
 
 def _secret(value: Any) -> bytes:

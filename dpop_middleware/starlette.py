@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 from starlette.concurrency import run_in_threadpool
@@ -33,7 +33,8 @@ from starlette.websockets import WebSocket
 
 from dpop_middleware.asgi import Receive, Scope, Send, _deny_websocket, _send_refusal
 from dpop_middleware.core.verifier import Refusal
-from dpop_middleware.routes import asgi_refusal, route_scopes
+from dpop_middleware.routes import asgi_refusal, route_claims, route_scopes
+from dpop_middleware.settings import ClaimRequirements
 
 __all__ = ["dpop_required", "refusal_response"]
 
@@ -48,13 +49,16 @@ def refusal_response(refusal: Refusal) -> Response:
 class _GuardedApp:
     """An ASGI endpoint (an ``HTTPEndpoint`` / ``WebSocketEndpoint`` class) behind the check."""
 
-    def __init__(self, app: Callable[..., Any], scopes: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: Callable[..., Any], scopes: tuple[str, ...], claims: ClaimRequirements
+    ) -> None:
         self.app = app
         self.scopes = scopes
+        self.claims = claims
         functools.update_wrapper(self, app, updated=())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = await asgi_refusal(scope, self.scopes)
+        refusal = await asgi_refusal(scope, self.scopes, self.claims)
         if refusal is None:
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
@@ -63,21 +67,25 @@ class _GuardedApp:
             await _deny_websocket(scope, receive, send, refusal)
 
 
-def dpop_required(*, scopes: str | Iterable[str] = ()) -> Callable[[Endpoint], Endpoint]:
+def dpop_required(
+    *, scopes: str | Iterable[str] = (), claims: Mapping[str, Any] | None = None
+) -> Callable[[Endpoint], Endpoint]:
     """Require a verified DPoP (or, in ``dpop_or_bearer`` mode, Bearer) token with every scope in
-    ``scopes`` on a Starlette endpoint: a request/websocket function (sync or async) or an
-    ``HTTPEndpoint`` / ``WebSocketEndpoint`` class. Scope names are checked here, at start-up."""
+    ``scopes`` (and every claim value in ``claims``) on a Starlette endpoint: a request/websocket
+    function (sync or async) or an ``HTTPEndpoint`` / ``WebSocketEndpoint`` class. Both are
+    checked here, at start-up."""
     needed = route_scopes(scopes, "dpop_required(scopes=...)")
+    required = route_claims(claims, "dpop_required(claims=...)")
 
     def decorate(endpoint: Endpoint) -> Endpoint:
         if inspect.isclass(endpoint):
-            return cast(Endpoint, _GuardedApp(endpoint, needed))
+            return cast(Endpoint, _GuardedApp(endpoint, needed, required))
         is_async = inspect.iscoroutinefunction(endpoint)
 
         @functools.wraps(endpoint)
         async def guarded(connection: HTTPConnection, *args: Any, **kwargs: Any) -> Any:
             scope = connection.scope
-            refusal = await asgi_refusal(scope, needed)
+            refusal = await asgi_refusal(scope, needed, required)
             if refusal is not None:
                 if scope["type"] == "http":
                     return refusal_response(refusal)

@@ -3,6 +3,7 @@ with 403 ``insufficient_scope`` (RFC 6750 section 3.1), through the core and the
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -208,3 +209,69 @@ def test_report_only_lets_it_through(
 def test_no_rules_no_scope_work() -> None:
     engine = Engine(Settings.from_dict({"token_verifier": lambda token: {}}))
     assert engine.verifier._scope_rules is None
+
+
+# -- claims beyond scopes ----------------------------------------------------------------------
+
+CLAIM_RULES = [
+    {"path": "/tenant", "claims": {"tenant": "acme"}},
+    {"path": "/staff", "scopes": ["write"], "claims": {"staff": True, "groups": "ops"}},
+]
+
+
+@pytest.fixture
+def hc(make_settings: Any) -> Harness:
+    return Harness(make_settings(algorithms=["ES256"], required_scopes=CLAIM_RULES))
+
+
+def assert_claim_mismatch(answer: Any) -> None:
+    assert (answer.status, answer.error, answer.reason) == (403, None, "claim_mismatch")
+    assert answer.challenge == f"DPoP {ALGS}"  # no RFC error code for this, and no scope
+    assert json.loads(answer.outcome.refusal.body) == {
+        "error": "forbidden",
+        "error_description": "The access token does not allow this request",
+    }
+
+
+@pytest.mark.parametrize(
+    ("claims", "status"),
+    [
+        pytest.param({"tenant": "acme"}, 200, id="equal"),
+        pytest.param({"tenant": "evil"}, 403, id="other-value"),
+        pytest.param({}, 403, id="absent"),
+        pytest.param({"tenant": ["other", "acme"]}, 200, id="list-holding-it"),
+        pytest.param({"tenant": {"acme": 1}}, 403, id="object"),
+    ],
+)
+def test_required_claim(
+    hc: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, claims: dict[str, Any], status: int
+) -> None:
+    answer = send(hc, issuer, dpop_key, "/tenant", **claims)
+    if status == 200:
+        assert answer.status == 200
+    else:
+        assert_claim_mismatch(answer)
+
+
+def test_claim_types_are_compared_as_json(
+    hc: Harness, issuer: TokenIssuer, dpop_key: DPoPKey
+) -> None:
+    """``true`` is not ``1``, nor ``"true"``."""
+    ok = {"scope": "write", "groups": ["ops", "dev"]}
+    assert send(hc, issuer, dpop_key, "/staff", staff=True, **ok).status == 200
+    assert_claim_mismatch(send(hc, issuer, dpop_key, "/staff", staff=1, **ok))
+    assert_claim_mismatch(send(hc, issuer, dpop_key, "/staff", staff="true", **ok))
+
+
+def test_scopes_are_judged_before_claims(
+    hc: Harness, issuer: TokenIssuer, dpop_key: DPoPKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert_insufficient(send(hc, issuer, dpop_key, "/staff", staff=False), "write")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpop_middleware"):
+        answer = send(hc, issuer, dpop_key, "/staff", scope="write", staff=True, groups="secret-x")
+    assert_claim_mismatch(answer)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "dpop_middleware"]
+    assert line.startswith("dpop refused reason=claim_mismatch status=403 error=None ")
+    assert line.endswith("claim='groups'")
+    assert "secret-x" not in line  # the token's value is never logged

@@ -218,3 +218,27 @@ def test_bad_required_scopes_name_the_key(value: Any, fragment: str) -> None:
         build(required_scopes=value)
     assert fragment in str(info.value)
     assert "allowed" in str(info.value) or "did you mean" in str(info.value)
+
+
+def test_required_scopes_with_claims() -> None:
+    (rule,) = build(
+        required_scopes=[{"path": "/t", "claims": {"tenant": "acme", "n": 3, "ok": True}}]
+    ).required_scopes
+    assert rule.scopes == ()
+    assert rule.claims == (("tenant", "acme"), ("n", 3), ("ok", True))
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param({"path": "/t"}, id="neither-scopes-nor-claims"),
+        pytest.param({"path": "/t", "claims": ["tenant"]}, id="claims-list"),
+        pytest.param({"path": "/t", "claims": {"tenant": 1.5}}, id="claim-float"),
+        pytest.param({"path": "/t", "claims": {"tenant": None}}, id="claim-null"),
+        pytest.param({"path": "/t", "claims": {"": "x"}}, id="claim-empty-name"),
+    ],
+)
+def test_bad_claim_rules_name_the_key(rule: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match=r"'required_scopes\[0\]") as info:
+        build(required_scopes=[rule])
+    assert "allowed" in str(info.value)

@@ -57,6 +57,10 @@ def starlette_app(settings: Mapping[str, Any]) -> Any:
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    @dpop_required(claims={"tenant": "acme"})
+    async def tenant(request: Request) -> Response:
+        return JSONResponse(seen(request.scope.get("dpop")))
+
     @dpop_required(scopes=["write"])
     class Cls(HTTPEndpoint):
         async def get(self, request: Request) -> Response:
@@ -73,6 +77,7 @@ def starlette_app(settings: Mapping[str, Any]) -> Any:
         Route("/write", write),
         Route("/both", both),
         Route("/health", health),
+        Route("/tenant", tenant),
         Route("/cls", Cls),
         WebSocketRoute("/ws", ws),
     ]
@@ -102,6 +107,10 @@ def fastapi_app(settings: Mapping[str, Any]) -> Any:
     @app.get("/health")
     def health(dpop: Annotated[DPoPResult, Security(require_dpop)]) -> Any:
         return {"ok": True}
+
+    @app.get("/tenant", dependencies=[DPoPScopes(claims={"tenant": "acme"})])
+    def tenant() -> Any:
+        return {"scopes": ["read"]}
 
     @app.get("/cls", dependencies=[DPoPScopes("write")])
     def cls() -> Any:
@@ -145,6 +154,11 @@ def flask_app(settings: Mapping[str, Any]) -> Any:
     def health() -> Any:
         return {"ok": True}
 
+    @app.get("/tenant")
+    @dpop_required(claims={"tenant": "acme"})
+    def tenant() -> Any:
+        return seen(dpop_result())
+
     class Cls(MethodView):
         decorators = [dpop_required(scopes=["write"])]  # noqa: RUF012
 
@@ -178,6 +192,12 @@ def _django_views() -> list[Any]:
     def health(request: HttpRequest) -> HttpResponse:
         return JsonResponse({"ok": True})
 
+    class Tenant(DPoPRequiredMixin, View):
+        dpop_claims = {"tenant": "acme"}  # noqa: RUF012
+
+        def get(self, request: HttpRequest) -> HttpResponse:
+            return JsonResponse(seen(dpop_result(request)))
+
     class Cls(DPoPRequiredMixin, View):
         dpop_scopes = ("write",)
 
@@ -189,6 +209,7 @@ def _django_views() -> list[Any]:
         path("write", write),
         path("both", both),
         path("health", health),
+        path("tenant", Tenant.as_view()),
         path("cls", Cls.as_view()),
     ]
 
@@ -314,6 +335,34 @@ def test_scoped_routes(
         assert resp.status == 200, resp.body
     else:
         assert_refused(resp, 403, "insufficient_scope", challenge=insufficient(scope))
+
+
+@pytest.mark.parametrize(
+    ("claims", "status"),
+    [
+        pytest.param({"tenant": "acme"}, 200, id="claim-held"),
+        pytest.param({"tenant": "evil"}, 403, id="claim-other-value"),
+        pytest.param({}, 403, id="claim-absent"),
+    ],
+)
+def test_required_claim_is_403_with_its_own_reason(
+    serve: Callable[..., Harness],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    caplog: pytest.LogCaptureFixture,
+    claims: dict[str, Any],
+    status: int,
+) -> None:
+    h = serve()
+    with caplog.at_level(logging.WARNING, logger="dpop_middleware"):
+        resp = get(h, issuer, dpop_key, "/tenant", **claims)
+    if status == 200:
+        assert resp.status == 200, resp.body
+        return
+    assert_refused(resp, 403, "forbidden", challenge=f"DPoP {ALGS}")
+    assert resp.json()["error_description"] == "The access token does not allow this request"
+    (line,) = refusal_log(caplog)
+    assert line.startswith("dpop refused reason=claim_mismatch status=403 error=None ")
 
 
 def test_nothing_verified_is_401_as_the_middleware_sends_it(
@@ -443,3 +492,15 @@ def test_helper_without_the_middleware_refuses_401(make_settings: Any) -> None:
     assert resp.status_code == 401
     assert resp.headers["WWW-Authenticate"] == "DPoP"
     assert resp.get_json()["error"] == "unauthorized"
+
+
+def test_bad_claims_fail_when_the_route_is_declared() -> None:
+    from dpop_middleware.django import dpop_required as django_required
+    from dpop_middleware.flask import dpop_required as flask_required
+    from dpop_middleware.starlette import dpop_required as starlette_required
+
+    for helper in (starlette_required, flask_required, django_required):
+        with pytest.raises(ConfigurationError, match="dpop_required"):
+            helper(claims={"tenant": 1.5})
+    with pytest.raises(ConfigurationError, match=r"DPoPSecurity\(claims="):
+        DPoPScopes(claims={"tenant": None})

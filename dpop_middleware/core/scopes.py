@@ -10,6 +10,10 @@
   every matching rule applies, so a request needs the union of their scopes.
 * A verified token lacking a needed scope is refused with 403 ``insufficient_scope`` and the
   needed scopes in the challenge (RFC 6750 section 3.1).
+* A rule's (or a helper's) ``claims`` require claim values (``{"tenant": "acme"}``): a claim
+  equal to the value, of the same JSON type, or a list claim holding it. A mismatch is 403 with
+  reason ``claim_mismatch`` (:class:`~dpop_middleware.errors.InsufficientClaimsError`), checked
+  after the scopes.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from dpop_middleware.core.paths import under
-from dpop_middleware.errors import InsufficientScopeError
-from dpop_middleware.settings import ScopeRule
+from dpop_middleware.errors import InsufficientClaimsError, InsufficientScopeError
+from dpop_middleware.settings import ClaimRequirements, ClaimValue, ScopeRule
 
 _NO_SCOPES: frozenset[str] = frozenset()
 
@@ -47,13 +51,16 @@ class ScopeRules:
     def __init__(self, rules: tuple[ScopeRule, ...]) -> None:
         self._rules = tuple((rule, (rule.path,)) for rule in rules)
 
-    def needed(self, route_path: str, method: str) -> tuple[str, ...]:
-        """Every scope of every rule matching the request, in configured order, no duplicates."""
+    def needed(self, route_path: str, method: str) -> tuple[tuple[str, ...], ClaimRequirements]:
+        """Every scope (in configured order, no duplicates) and every claim requirement of every
+        rule matching the request."""
         found: list[str] = []
+        claims: list[tuple[str, ClaimValue]] = []
         for rule, prefix in self._rules:
             if (rule.methods is None or method in rule.methods) and under(route_path, prefix):
                 found.extend(rule.scopes)
-        return tuple(dict.fromkeys(found)) if found else ()
+                claims.extend(rule.claims)
+        return (tuple(dict.fromkeys(found)) if found else ()), tuple(claims)
 
 
 def check_scopes(
@@ -73,3 +80,27 @@ def check_scopes(
         raise InsufficientScopeError(
             needed, scheme=scheme, log_detail=f"missing={' '.join(missing)[:200]!r}"
         )
+
+
+def _claim_has(actual: Any, expected: ClaimValue) -> bool:
+    """``actual`` is ``expected`` (same JSON type: ``true`` is not ``1``), or a list holding it."""
+    if isinstance(actual, list):
+        return any(type(item) is type(expected) and item == expected for item in actual)
+    return type(actual) is type(expected) and actual == expected
+
+
+def check_claims(
+    required: ClaimRequirements,
+    claims: Mapping[str, Any],
+    scheme: Literal["DPoP", "Bearer"],
+) -> None:
+    """Raise 403 (reason ``claim_mismatch``) unless every required claim has its value (or, for a
+    list claim such as ``groups``, holds it). The log names the claim, never the token's value."""
+    for name, expected in required:
+        if not _claim_has(claims.get(name), expected):
+            raise InsufficientClaimsError(
+                "claim_mismatch",
+                "The access token does not allow this request",
+                scheme=scheme,
+                log_detail=f"claim={name[:100]!r}",
+            )

@@ -29,7 +29,7 @@ from dpop_middleware.core.nonce import NonceIssuer
 from dpop_middleware.core.paths import check_path, under
 from dpop_middleware.core.proof import Proof, ProofParser, check_ath, check_iat
 from dpop_middleware.core.request import RequestInfo
-from dpop_middleware.core.scopes import ScopeRules, check_scopes, parse_scopes
+from dpop_middleware.core.scopes import ScopeRules, check_claims, check_scopes, parse_scopes
 from dpop_middleware.core.token import (
     AccessTokenChecker,
     VerifiedToken,
@@ -44,7 +44,7 @@ from dpop_middleware.errors import (
     ServiceUnavailableError,
     UseDPoPNonceError,
 )
-from dpop_middleware.settings import Settings
+from dpop_middleware.settings import ClaimRequirements, Settings
 
 Header = tuple[str, str]
 EXPOSE_HEADERS: Header = ("access-control-expose-headers", "WWW-Authenticate, DPoP-Nonce")
@@ -232,10 +232,13 @@ class Verifier:
 
     @staticmethod
     def _check_scope_rules(request: RequestInfo, result: DPoPResult, rules: ScopeRules) -> None:
-        """``required_scopes``: 403 ``insufficient_scope`` (RFC 6750 section 3.1)."""
-        needed = rules.needed(request.route_path, request.method)
+        """``required_scopes``: 403 ``insufficient_scope`` (RFC 6750 section 3.1), then 403
+        ``claim_mismatch`` for a rule's ``claims``."""
+        needed, claims = rules.needed(request.route_path, request.method)
         if needed:
             check_scopes(needed, result.claims, result.scheme)
+        if claims:
+            check_claims(claims, result.claims, result.scheme)
 
     def _nonce_freshness(
         self, proof: Proof, request: RequestInfo, now: float, nonces: NonceIssuer
@@ -283,14 +286,22 @@ class Verifier:
             )
         return Pending(DPoPResult(dict(verified.claims), None, "Bearer"), None, 0.0)
 
-    def authorize(self, result: DPoPResult | None, scopes: Iterable[str] = ()) -> None:
+    def authorize(
+        self,
+        result: DPoPResult | None,
+        scopes: Iterable[str] = (),
+        claims: ClaimRequirements = (),
+    ) -> None:
         """A per-route check: 401 (no error code, RFC 6750 section 3.1) when nothing was verified
         (an excluded path, a preflight, ``report_only``), else 403 ``insufficient_scope`` unless
-        the token has every scope in ``scopes``."""
+        the token has every scope in ``scopes``, then 403 (reason ``claim_mismatch``) unless it
+        has every claim value in ``claims``."""
         if result is None:
             raise MissingCredentialsError("not_verified", "DPoP authentication required")
         if scopes:
             check_scopes(scopes, result.claims, result.scheme)
+        if claims:
+            check_claims(claims, result.claims, result.scheme)
 
     def finish(self, pending: Pending, first_seen: bool) -> DPoPResult:
         """Take the replay store's answer (RFC 9449 section 11.1)."""
@@ -318,7 +329,7 @@ class Verifier:
             ))  # fmt: skip
         if isinstance(error, UseDPoPNonceError) and self._nonces is not None:
             headers.append(("dpop-nonce", self._nonces.current(self._clock())))
-        body: dict[str, str] = {"error": error.error or "unauthorized"}
+        body: dict[str, str] = {"error": error.error or error.body_error}
         body["error_description"] = error.description
         return Refusal(error.status, tuple(headers), json.dumps(body).encode(), error)
 
