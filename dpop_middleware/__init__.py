@@ -13,6 +13,8 @@ from dpop_middleware.core.verifier import DPoPResult, Refusal, Verifier
 from dpop_middleware.errors import (
     ConfigurationError,
     DPoPError,
+    InsufficientClaimsError,
+    InsufficientScopeError,
     InvalidDPoPProofError,
     InvalidRequestError,
     InvalidTokenError,
@@ -33,6 +35,8 @@ __all__ = [
     "DPoPMiddleware",
     "DPoPResult",
     "DPoPWSGIMiddleware",
+    "InsufficientClaimsError",
+    "InsufficientScopeError",
     "InvalidDPoPProofError",
     "InvalidRequestError",
     "InvalidTokenError",

@@ -21,11 +21,11 @@ from dpop_middleware.core.metadata import Reply
 from dpop_middleware.core.request import RequestInfo, encoded_path
 from dpop_middleware.core.verifier import Header, Refusal
 from dpop_middleware.errors import ConfigurationError, ReplayStoreError
-from dpop_middleware.flow import Engine
+from dpop_middleware.flow import ENGINE_KEY, Engine, RouteRefusedError
 from dpop_middleware.replay import create_async_store
 from dpop_middleware.replay.base import AsyncReplayStore
 from dpop_middleware.settings import Settings
-from dpop_middleware.starlette import FailedStartup, built_lazily_by_starlette
+from dpop_middleware.startup import FailedStartup, built_lazily_by_starlette
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -95,7 +95,7 @@ class DPoPMiddleware:
             self.store: AsyncReplayStore = store
         except (ConfigurationError, ReplayStoreError) as exc:
             # Built by Starlette on the first ASGI call, raising would not stop the server
-            # (dpop_middleware.starlette): fail the lifespan startup instead.
+            # (dpop_middleware.startup): fail the lifespan startup instead.
             if not built_lazily_by_starlette():
                 raise
             self.failed = FailedStartup(exc)
@@ -119,12 +119,14 @@ class DPoPMiddleware:
             else:
                 await _deny_websocket(scope, receive, send, outcome.refusal)
             return
+        scope = dict(scope)
+        # The per-route helpers (dpop_middleware.routes) refuse through this Engine.
+        scope[ENGINE_KEY] = self.engine
         if outcome.result is not None:
-            scope = dict(scope)
             scope["dpop"] = outcome.result
         extra = outcome.response_headers
         if not extra:
-            await self.app(scope, receive, send)
+            await self._call_app(scope, receive, send)
             return
         names = {name.encode("latin-1") for name, _ in extra}
         added = _encode(extra)
@@ -137,7 +139,18 @@ class DPoPMiddleware:
                 message["headers"] = kept + added
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        await self._call_app(scope, receive, send_with_headers)
+
+    async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except RouteRefusedError as refused:
+            # A FastAPI dependency (dpop_middleware.fastapi) refused before the route ran: the
+            # refusal is already logged; send it as the middleware's own.
+            if scope["type"] == "http":
+                await _send_refusal(send, refused.refusal, head=scope["method"] == "HEAD")
+            else:
+                await _deny_websocket(scope, receive, send, refused.refusal)
 
 
 def _refusal_headers(refusal: Refusal | Reply) -> list[tuple[bytes, bytes]]:

@@ -70,6 +70,8 @@ STEPS: tuple[tuple[str, str, frozenset[str]], ...] = (
                 "jwks_unavailable", "downgrade", "token_verifier_error"})),
     ("binding", "the token's cnf.jkt is the proof key (section 6)",
      frozenset({"token_not_bound", "token_binding_unsupported", "jkt_mismatch"})),
+    ("authorization", "the token's scopes and claims cover the route (required_scopes, helpers)",
+     frozenset({"insufficient_scope", "claim_mismatch", "not_verified"})),
     ("replay", "the proof's jti was not used before (section 11.1)",
      frozenset({"replayed", "replay_store_unavailable"})),
 )  # fmt: skip

@@ -31,6 +31,8 @@ class DPoPError(Exception):
     status: ClassVar[int] = 401
     #: The level of the refusal's log line: a client's mistake is a WARNING.
     log_level: ClassVar[int] = logging.WARNING
+    #: The JSON body's ``error`` when there is no RFC code (``error`` is None).
+    body_error: ClassVar[str] = "unauthorized"
 
     def __init__(
         self,
@@ -77,6 +79,43 @@ class UseDPoPNonceError(DPoPError):
 
     error = "use_dpop_nonce"
     status = 401
+
+
+class InsufficientScopeError(DPoPError):
+    """The token is valid but lacks a scope the route needs (RFC 6750 section 3.1): 403, and the
+    challenge names the scopes needed in its ``scope`` parameter (RFC 6750 section 3)."""
+
+    error = "insufficient_scope"
+    status = 403
+
+    def __init__(
+        self,
+        scopes: tuple[str, ...],
+        *,
+        scheme: Scheme = "DPoP",
+        log_detail: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            "insufficient_scope",
+            "The access token does not have the scope this request needs",
+            scheme=scheme,
+            log_detail=log_detail,
+        )
+        #: The scopes the request needs, in the order configured (all of them, not only the
+        #: missing ones: RFC 6750 section 3 "the scope necessary to access the resource").
+        self.scopes = scopes
+
+
+class InsufficientClaimsError(DPoPError):
+    """403: the token is valid, but a claim the route requires (``claims``) has another value.
+
+    RFC 6750 registers no error code for this, and ``insufficient_scope`` would send the client
+    to ask for scopes that cannot help, so the challenge carries no error code; the JSON body
+    says ``forbidden`` and the log line's reason is ``claim_mismatch``."""
+
+    error = None
+    status = 403
+    body_error = "forbidden"
 
 
 class ServiceUnavailableError(DPoPError):

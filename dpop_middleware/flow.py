@@ -25,6 +25,19 @@ from dpop_middleware.settings import Settings
 
 logger = logging.getLogger("dpop_middleware")
 
+#: Where the adapters put their :class:`Engine` (ASGI scope, WSGI environ), for the per-route
+#: helpers (:mod:`dpop_middleware.routes`) to refuse exactly as the middleware does.
+ENGINE_KEY = "dpop_middleware.engine"
+
+
+class RouteRefusedError(Exception):
+    """Raised by a per-route helper that cannot return a response itself (a FastAPI
+    dependency); :class:`~dpop_middleware.DPoPMiddleware` catches it and sends ``refusal``."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.error.reason)
+        self.refusal = refusal
+
 
 class Outcome(NamedTuple):
     """What the adapter does: refuse (``refusal``), or call the app with ``result`` (None for an
@@ -92,13 +105,13 @@ class Engine:
             "reason": error.reason,
         }
 
-    def _log(self, request: RequestInfo, error: DPoPError) -> None:
+    def _log(self, request: RequestInfo, error: DPoPError, *, report_only: bool) -> None:
         fields = error.log_detail
         detail = "".join(f" {k}={_clip(v, 300)}" for k, v in fields.items()) if fields else ""
         logger.log(
             error.log_level,
             "dpop %s reason=%s status=%d error=%s method=%s path=%s client=%s%s",
-            "would_refuse" if self._report_only else "refused",
+            "would_refuse" if report_only else "refused",
             error.reason,
             error.status,
             error.error,
@@ -108,8 +121,9 @@ class Engine:
             detail,
         )
 
-    def _refuse_sync(self, request: RequestInfo, error: DPoPError) -> Outcome:
-        self._log(request, error)
+    def _notify_sync(self, request: RequestInfo, error: DPoPError, *, report_only: bool) -> None:
+        """The one log line and the ``on_refusal`` hook."""
+        self._log(request, error, report_only=report_only)
         hook = self.settings.on_refusal
         if hook is not None:
             try:
@@ -118,10 +132,11 @@ class Engine:
                     asyncio.run(_await(outcome))
             except Exception:  # the user's hook must not turn a refusal into a 500
                 logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
-        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
 
-    async def _refuse_async(self, request: RequestInfo, error: DPoPError) -> Outcome:
-        self._log(request, error)
+    async def _notify_async(
+        self, request: RequestInfo, error: DPoPError, *, report_only: bool
+    ) -> None:
+        self._log(request, error, report_only=report_only)
         hook = self.settings.on_refusal
         if hook is not None:
             try:
@@ -130,7 +145,26 @@ class Engine:
                     await outcome
             except Exception:  # the user's hook must not turn a refusal into a 500
                 logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
+
+    def _refuse_sync(self, request: RequestInfo, error: DPoPError) -> Outcome:
+        self._notify_sync(request, error, report_only=self._report_only)
         return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+
+    async def _refuse_async(self, request: RequestInfo, error: DPoPError) -> Outcome:
+        await self._notify_async(request, error, report_only=self._report_only)
+        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+
+    # -- per-route checks (the framework helpers) ------------------------------------------------
+
+    def route_refusal_sync(self, request: RequestInfo, error: DPoPError) -> Refusal:
+        """A per-route helper's refusal: logged, hooked and rendered exactly like the
+        middleware's own. Always a refusal, ``report_only`` or not: the route asked for it."""
+        self._notify_sync(request, error, report_only=False)
+        return self.verifier.refusal(error)
+
+    async def route_refusal_async(self, request: RequestInfo, error: DPoPError) -> Refusal:
+        await self._notify_async(request, error, report_only=False)
+        return self.verifier.refusal(error)
 
     # -- JWKS ----------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import ipaddress
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +68,24 @@ class NonceSettings:
         return self.lifetime * self.accepted_steps
 
 
+#: A required claim value: a JSON string, integer or boolean.
+ClaimValue = str | int | bool
+#: Required claims as (name, value) pairs.
+ClaimRequirements = tuple[tuple[str, ClaimValue], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeRule:
+    """One ``required_scopes`` rule: requests under ``path`` (whole segments, as routed) with one
+    of ``methods`` (``None``: every method) need every scope in ``scopes`` and every claim value
+    in ``claims``."""
+
+    path: str
+    scopes: tuple[str, ...]
+    methods: frozenset[str] | None = None
+    claims: ClaimRequirements = ()
+
+
 @dataclass(frozen=True, slots=True)
 class PublicURL:
     scheme: str
@@ -97,6 +116,7 @@ class Settings:
     nonce: NonceSettings | None = None
     mode: Mode = "dpop"
     exclude_paths: tuple[str, ...] = ()
+    required_scopes: tuple[ScopeRule, ...] = ()
     cors_preflight: Preflight = "verify"
     max_path_length: int = 8192
     public_url: PublicURL | None = None
@@ -140,6 +160,11 @@ class Settings:
 
 _KEYS: tuple[str, ...] = tuple(f for f in Settings.__dataclass_fields__)
 _NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context", "freshness")
+_RULE_KEYS = ("path", "methods", "scopes", "claims")
+#: RFC 6749 section 3.3: scope-token = 1*NQCHAR (no space, no quote, no backslash).
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+#: RFC 9110 section 5.6.2 token, upper-case letters only (methods are case-sensitive, 9.1).
+_METHOD = re.compile(r"[A-Z0-9!#$%&'*+\-.^_`|~]+")
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigurationError:
@@ -246,16 +271,96 @@ def _paths(key: str, value: Any) -> tuple[str, ...]:
         raise _fail(key, value, allowed)
     out = []
     for path in value:
-        if (
-            not isinstance(path, str)
-            or not path.startswith("/")
-            or "?" in path
-            or "#" in path
-            or has_dot_segment(path)
-        ):
+        if not _path_ok(path, has_dot_segment):
             raise _fail(key, value, allowed)
         out.append(path.rstrip("/") or "/")
     return tuple(out)
+
+
+def _path_ok(path: Any, has_dot_segment: Callable[[str], bool]) -> bool:
+    return (
+        isinstance(path, str)
+        and path.startswith("/")
+        and "?" not in path
+        and "#" not in path
+        and not has_dot_segment(path)
+    )
+
+
+def _scope_rules(value: Any) -> tuple[ScopeRule, ...]:
+    """``required_scopes``: path rules as for ``exclude_paths``, scopes as RFC 6749 scope-tokens."""
+    from dpop_middleware.core.paths import has_dot_segment
+
+    key = "required_scopes"
+    shape = (
+        "a list of rules like {'path': '/admin', 'methods': ['POST'], 'scopes': ['admin']} "
+        "('methods' optional: every method)"
+    )
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
+        raise _fail(key, value, shape)
+    rules = []
+    for index, rule in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(rule, Mapping):
+            raise _fail(where, rule, shape)
+        _unknown(list(rule), _RULE_KEYS, f"{where}.")
+        if "path" not in rule or ("scopes" not in rule and "claims" not in rule):
+            raise _fail(where, rule, f"a rule with 'path' and 'scopes' (or 'claims'); {shape}")
+        path = rule["path"]
+        if not _path_ok(path, has_dot_segment):
+            raise _fail(
+                f"{where}.path",
+                path,
+                "a decoded path starting with '/', without '.' or '..' segments",
+            )
+        path = path.rstrip("/") or "/"
+        scopes = rule.get("scopes")
+        if "scopes" in rule and (
+            isinstance(scopes, str)
+            or not isinstance(scopes, Sequence)
+            or not scopes
+            or not all(isinstance(s, str) and SCOPE_TOKEN.fullmatch(s) for s in scopes)
+        ):
+            raise _fail(
+                f"{where}.scopes",
+                scopes,
+                "a non-empty list of scope names, each without spaces, quotes or backslashes "
+                "(RFC 6749 section 3.3)",
+            )
+        methods = rule.get("methods")
+        if methods is not None and (
+            isinstance(methods, str)
+            or not isinstance(methods, Sequence)
+            or not methods
+            or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in methods)
+        ):
+            raise _fail(
+                f"{where}.methods",
+                methods,
+                "a non-empty list of upper-case HTTP methods, e.g. ['POST', 'DELETE'] "
+                "(leave 'methods' out for every method)",
+            )
+        rules.append(
+            ScopeRule(
+                path,
+                tuple(dict.fromkeys(scopes)) if scopes is not None else (),
+                frozenset(methods) if methods is not None else None,
+                claim_requirements(rule.get("claims", {}), f"{where}.claims"),
+            )
+        )
+    return tuple(rules)
+
+
+def claim_requirements(value: Any, key: str) -> ClaimRequirements:
+    """``{"claim": value}``: each name a non-empty string, each value a string, integer or
+    boolean (compared with the claim's JSON type)."""
+    allowed = "a dict of claim name to a string, integer or boolean, e.g. {'tenant': 'acme'}"
+    if not isinstance(value, Mapping):
+        raise _fail(key, value, allowed)
+    for name, expected in value.items():
+        if not isinstance(name, str) or not name or not isinstance(expected, str | int | bool):
+            raise _fail(key, value, allowed)
+    return tuple(value.items())
 
 
 def _secret(value: Any) -> bytes:
@@ -441,6 +546,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         nonce=_nonce(raw.get("nonce"), audience, issuer),
         mode=mode,
         exclude_paths=_paths("exclude_paths", raw.get("exclude_paths", ())),
+        required_scopes=_scope_rules(raw.get("required_scopes", ())),
         cors_preflight=preflight,
         max_path_length=_integer(raw, "max_path_length", 8192, low=256, high=65536),
         public_url=_public_url(

@@ -1,96 +1,102 @@
-"""Start-up failures under Starlette's lazy middleware stack (Starlette, FastAPI).
+"""Starlette: require DPoP (and scopes) on one route, function or class, HTTP or websocket::
 
-``app.add_middleware(DPoPMiddleware, settings=...)`` and ``Starlette(middleware=[...])`` only
-record the middleware; Starlette builds it on the app's first ASGI call, which under uvicorn is the
-``lifespan`` startup. A :class:`~dpop_middleware.ConfigurationError` raised there is taken by
-uvicorn (``--lifespan auto``, its default) as "lifespan unsupported": the server starts anyway and
-answers every request with a 500 and a traceback in its log.
+    from dpop_middleware.starlette import dpop_required
 
-So when the middleware is built there and its settings are bad, it does not raise: it becomes
-:class:`FailedStartup`, which fails the ``lifespan`` startup with the error's message (uvicorn logs
-it and exits non-zero) and answers any request that still comes (no lifespan: ``--lifespan off``)
-with a 500 that carries neither a traceback nor a setting. Built anywhere else, including by a
-direct call to ``build_middleware_stack`` at import time, the middleware raises at once.
+    @dpop_required(scopes=["write"])
+    async def create(request: Request) -> Response: ...
 
-This module imports nothing from Starlette: it recognises Starlette's frames by the loaded module.
+    @dpop_required(scopes=["admin"])
+    class Admin(HTTPEndpoint): ...
+
+    routes = [Route("/items", create, methods=["POST"]), Route("/admin", Admin)]
+
+A request that does not pass is refused exactly as :class:`~dpop_middleware.DPoPMiddleware`
+refuses (status, challenge, JSON body, log line, ``on_refusal``): 403 ``insufficient_scope`` when
+a scope is missing, 401 when the middleware verified nothing (an ``exclude_paths`` path, a
+preflight, ``report_only``). A websocket is refused before accept: with the HTTP refusal where
+the server supports ``websocket.http.response``, else by closing with 1008.
+
+This is the only module that imports Starlette for this purpose; it needs the middleware in front.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import json
-import logging
-import sys
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
-logger = logging.getLogger("dpop_middleware")
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+from starlette.websockets import WebSocket
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from dpop_middleware.asgi import Receive, Scope, Send, _deny_websocket, _send_refusal
+from dpop_middleware.core.verifier import Refusal
+from dpop_middleware.routes import asgi_refusal, route_claims, route_scopes
+from dpop_middleware.settings import ClaimRequirements
 
-#: Frames between the middleware's ``__init__`` and Starlette's ``build_middleware_stack`` (one,
-#: or a few with subclasses and factories).
-_MAX_DEPTH = 8
-_BODY = json.dumps({
-    "error": "server_error",
-    "error_description": "The DPoP middleware is misconfigured; see the server log",
-}).encode()  # fmt: skip
+__all__ = ["dpop_required", "refusal_response"]
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
-def built_lazily_by_starlette() -> bool:
-    """True when the caller is being built by a Starlette app's ``build_middleware_stack``, itself
-    called from a coroutine (the app's ``__call__``: the first ASGI call)."""
-    applications = sys.modules.get("starlette.applications")
-    if applications is None:
-        return False
-    frame = sys._getframe(1)
-    for _ in range(_MAX_DEPTH):
-        frame = frame.f_back  # type: ignore[assignment]
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "build_middleware_stack" and isinstance(
-            frame.f_locals.get("self"), applications.Starlette
-        ):
-            caller = frame.f_back
-            return caller is not None and bool(caller.f_code.co_flags & inspect.CO_COROUTINE)
-    return False
+def refusal_response(refusal: Refusal) -> Response:
+    """The refusal as a Starlette response (the headers the middleware sends)."""
+    return Response(refusal.body, status_code=refusal.status, headers=dict(refusal.headers))
 
 
-class FailedStartup:
-    """What a middleware with bad settings serves when Starlette built it lazily.
+class _GuardedApp:
+    """An ASGI endpoint (an ``HTTPEndpoint`` / ``WebSocketEndpoint`` class) behind the check."""
 
-    ``lifespan``: ``lifespan.startup.failed`` with the error's message, then the error raised, as
-    Starlette's own router does (uvicorn exits; Starlette's ``TestClient`` raises it).
-    ``http``: a 500 JSON refusal. ``websocket``: closed before accept with 1011 (internal error).
-    The error is logged once, at ERROR, when this is built.
-    """
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-        logger.error("dpop startup_failed: %s", error)
+    def __init__(
+        self, app: Callable[..., Any], scopes: tuple[str, ...], claims: ClaimRequirements
+    ) -> None:
+        self.app = app
+        self.scopes = scopes
+        self.claims = claims
+        functools.update_wrapper(self, app, updated=())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "lifespan":
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.failed", "message": str(self.error)})
-                raise self.error
-            return
-        if kind == "http":
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"cache-control", b"no-store"),
-                (b"content-length", str(len(_BODY)).encode()),
-            ]
-            body = b"" if scope["method"] == "HEAD" else _BODY  # HEAD: no body, RFC 9110 9.3.2
-            await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        if kind == "websocket":
-            message = await receive()
-            if message["type"] == "websocket.connect":
-                await send({"type": "websocket.close", "code": 1011})
+        refusal = await asgi_refusal(scope, self.scopes, self.claims)
+        if refusal is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await _send_refusal(send, refusal, head=scope["method"] == "HEAD")
+        else:
+            await _deny_websocket(scope, receive, send, refusal)
+
+
+def dpop_required(
+    *, scopes: str | Iterable[str] = (), claims: Mapping[str, Any] | None = None
+) -> Callable[[Endpoint], Endpoint]:
+    """Require a verified DPoP (or, in ``dpop_or_bearer`` mode, Bearer) token with every scope in
+    ``scopes`` (and every claim value in ``claims``) on a Starlette endpoint: a request/websocket
+    function (sync or async) or an ``HTTPEndpoint`` / ``WebSocketEndpoint`` class. Both are
+    checked here, at start-up."""
+    needed = route_scopes(scopes, "dpop_required(scopes=...)")
+    required = route_claims(claims, "dpop_required(claims=...)")
+
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        if inspect.isclass(endpoint):
+            return cast(Endpoint, _GuardedApp(endpoint, needed, required))
+        is_async = inspect.iscoroutinefunction(endpoint)
+
+        @functools.wraps(endpoint)
+        async def guarded(connection: HTTPConnection, *args: Any, **kwargs: Any) -> Any:
+            scope = connection.scope
+            refusal = await asgi_refusal(scope, needed, required)
+            if refusal is not None:
+                if scope["type"] == "http":
+                    return refusal_response(refusal)
+                # A websocket function: deny through the socket's own receive/send.
+                assert isinstance(connection, WebSocket)
+                await _deny_websocket(scope, connection.receive, connection.send, refusal)
+                return None
+            if is_async:
+                return await endpoint(connection, *args, **kwargs)
+            return await run_in_threadpool(endpoint, connection, *args, **kwargs)
+
+        return cast(Endpoint, guarded)
+
+    return decorate

@@ -17,7 +17,7 @@ from typing import Any
 from dpop_middleware.core.metadata import Reply
 from dpop_middleware.core.request import RequestInfo, encoded_path
 from dpop_middleware.core.verifier import Refusal
-from dpop_middleware.flow import Engine
+from dpop_middleware.flow import ENGINE_KEY, Engine
 from dpop_middleware.replay import MemoryReplayStore, create_sync_store
 from dpop_middleware.replay.base import ReplayStore
 from dpop_middleware.settings import Settings
@@ -96,6 +96,8 @@ class DPoPWSGIMiddleware:
         refusal = outcome.refusal
         if refusal is not None:
             return _respond(refusal, environ, start_response)
+        # The per-route helpers (dpop_middleware.routes) refuse through this Engine.
+        environ[ENGINE_KEY] = self.engine
         if outcome.result is not None:
             environ["dpop"] = outcome.result
         extra = outcome.response_headers

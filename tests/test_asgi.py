@@ -281,6 +281,8 @@ def test_wss_handshake_is_checked_as_https(
 
 
 def test_fastapi_dependency_refuses_what_the_middleware_did_not_verify(settings: Any) -> None:
+    from starlette.testclient import WebSocketDenialResponse
+
     app = FastAPI()
     app.add_middleware(DPoPMiddleware, settings=settings(exclude_paths=["/open"]))
 
@@ -294,11 +296,38 @@ def test_fastapi_dependency_refuses_what_the_middleware_did_not_verify(settings:
 
     client = TestClient(app)
     resp = client.get("/open/required")
+    # Exactly the middleware's own 401: JSON body, the DPoP challenge with algs, no error code.
     assert resp.status_code == 401
-    assert resp.json() == {"detail": "DPoP authentication required"}
+    assert resp.json() == {
+        "error": "unauthorized",
+        "error_description": "DPoP authentication required",
+    }
+    assert resp.headers["www-authenticate"].startswith("DPoP algs=")
+    assert resp.headers["cache-control"] == "no-store"
+    # The test client supports websocket.http.response: denied with the same HTTP refusal.
+    with pytest.raises(WebSocketDenialResponse) as denied, client.websocket_connect("/open/ws"):
+        pass  # pragma: no cover - never accepted
+    assert denied.value.status_code == 401
+    assert denied.value.json()["error_description"] == "DPoP authentication required"
+
+
+def test_fastapi_dependency_without_the_middleware_refuses_401() -> None:
+    app = FastAPI()
+
+    @app.get("/required")
+    def required(dpop: DPoPAuth) -> dict[str, str | None]:  # pragma: no cover - never reached
+        return {"sub": dpop.subject}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, dpop: DPoPAuth) -> None:  # pragma: no cover
+        await websocket.accept()
+
+    client = TestClient(app)
+    resp = client.get("/required")
+    assert resp.status_code == 401
     assert resp.headers["www-authenticate"] == "DPoP"
     assert resp.headers["cache-control"] == "no-store"
-    with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/open/ws"):
+    with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/ws"):
         pass  # pragma: no cover - never accepted
     assert closed.value.code == 1008
 

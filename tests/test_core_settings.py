@@ -226,3 +226,97 @@ def test_nonce_settings() -> None:
 def test_nonce_freshness_is_validated(value: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"'nonce.freshness'.*'iat_and_nonce'.*'nonce_only'"):
         build(nonce={"secret": "n" * 32, "freshness": value})
+
+
+# -- required_scopes ---------------------------------------------------------------------------
+
+
+def test_required_scopes_default_and_shape() -> None:
+    assert build().required_scopes == ()
+    (rule,) = build(
+        required_scopes=[{"path": "/admin/", "methods": ["POST", "DELETE"], "scopes": ["admin"]}]
+    ).required_scopes
+    assert rule.path == "/admin"
+    assert rule.methods == frozenset({"POST", "DELETE"})
+    assert rule.scopes == ("admin",)
+    (any_method,) = build(required_scopes=[{"path": "/", "scopes": ["a", "b"]}]).required_scopes
+    assert any_method.methods is None
+
+
+RULE = {"path": "/admin", "scopes": ["admin"]}
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        pytest.param({"path": "/a", "scopes": ["x"]}, "'required_scopes'", id="not-a-list"),
+        pytest.param("admin", "'required_scopes'", id="string"),
+        pytest.param(["/admin"], "'required_scopes[0]'", id="rule-not-a-dict"),
+        pytest.param([{"path": "/admin"}], "'required_scopes[0]'", id="no-scopes"),
+        pytest.param([{"scopes": ["a"]}], "'required_scopes[0]'", id="no-path"),
+        pytest.param(
+            [{**RULE, "method": ["POST"]}], "did you mean 'methods'", id="unknown-rule-key"
+        ),
+        pytest.param([{**RULE, "path": "admin"}], "'required_scopes[0].path'", id="no-slash"),
+        pytest.param(
+            [{**RULE, "path": "/a/../admin"}], "'required_scopes[0].path'", id="dot-segment"
+        ),
+        pytest.param([{**RULE, "path": "/a?x"}], "'required_scopes[0].path'", id="query"),
+        pytest.param([{**RULE, "scopes": []}], "'required_scopes[0].scopes'", id="scopes-empty"),
+        pytest.param(
+            [{**RULE, "scopes": "admin"}], "'required_scopes[0].scopes'", id="scopes-string"
+        ),
+        pytest.param([{**RULE, "scopes": [""]}], "'required_scopes[0].scopes'", id="scope-empty"),
+        pytest.param(
+            [{**RULE, "scopes": ["a b"]}], "'required_scopes[0].scopes'", id="scope-space"
+        ),
+        pytest.param(
+            [{**RULE, "scopes": ['a"b']}], "'required_scopes[0].scopes'", id="scope-quote"
+        ),
+        pytest.param(
+            [{**RULE, "scopes": ["a\\b"]}], "'required_scopes[0].scopes'", id="scope-backslash"
+        ),
+        pytest.param([{**RULE, "scopes": [1]}], "'required_scopes[0].scopes'", id="scope-number"),
+        pytest.param(
+            [RULE, {**RULE, "methods": ["post"]}],
+            "'required_scopes[1].methods'",
+            id="method-lower-case",
+        ),
+        pytest.param(
+            [{**RULE, "methods": "POST"}], "'required_scopes[0].methods'", id="methods-string"
+        ),
+        pytest.param([{**RULE, "methods": []}], "'required_scopes[0].methods'", id="methods-empty"),
+        pytest.param(
+            [{**RULE, "methods": ["GET POST"]}], "'required_scopes[0].methods'", id="method-space"
+        ),
+    ],
+)
+def test_bad_required_scopes_name_the_key(value: Any, fragment: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        build(required_scopes=value)
+    assert fragment in str(info.value)
+    assert "allowed" in str(info.value) or "did you mean" in str(info.value)
+
+
+def test_required_scopes_with_claims() -> None:
+    (rule,) = build(
+        required_scopes=[{"path": "/t", "claims": {"tenant": "acme", "n": 3, "ok": True}}]
+    ).required_scopes
+    assert rule.scopes == ()
+    assert rule.claims == (("tenant", "acme"), ("n", 3), ("ok", True))
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param({"path": "/t"}, id="neither-scopes-nor-claims"),
+        pytest.param({"path": "/t", "claims": ["tenant"]}, id="claims-list"),
+        pytest.param({"path": "/t", "claims": {"tenant": 1.5}}, id="claim-float"),
+        pytest.param({"path": "/t", "claims": {"tenant": None}}, id="claim-null"),
+        pytest.param({"path": "/t", "claims": {"": "x"}}, id="claim-empty-name"),
+    ],
+)
+def test_bad_claim_rules_name_the_key(rule: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match=r"'required_scopes\[0\]") as info:
+        build(required_scopes=[rule])
+    assert "allowed" in str(info.value)

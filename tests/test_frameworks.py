@@ -24,7 +24,7 @@ from test_frameworks_support import (
 )
 
 from dpop_middleware.errors import ReplayStoreError
-from dpop_middleware.testing import DPoPKey, TokenIssuer
+from dpop_middleware.testing import REMOVE, DPoPKey, TokenIssuer
 
 ALGS = 'algs="ES256 PS256"'
 EXPOSE = "WWW-Authenticate, DPoP-Nonce"
@@ -388,6 +388,88 @@ def test_htu_mismatch_log_shows_expected_and_received_but_the_response_does_not(
     assert "elsewhere" not in everything and "testserver" not in everything
 
 
+# -- required_scopes: the settings-level rules, no framework code -------------------------------
+
+SCOPE_RULES = [
+    {"path": "/me", "methods": ["POST"], "scopes": ["write"]},
+    {"path": "/files/both", "scopes": ["read", "write"]},
+    {"path": "/files/admin", "scopes": ["admin"]},
+]
+NO_SCOPE = "The access token does not have the scope this request needs"
+
+
+def insufficient(scope: str, scheme: str = "DPoP") -> str:
+    err = f'error="insufficient_scope", error_description="{NO_SCOPE}", scope="{scope}"'
+    if scheme == "Bearer":
+        return f"Bearer {err}, DPoP {ALGS}"
+    return f"DPoP {err}, {ALGS}"
+
+
+def test_required_scopes_read_passes_write_is_403(
+    serve: Callable[..., Harness],
+    settings: Any,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = serve(settings(required_scopes=SCOPE_RULES))
+    token = issuer.token(bound_to=dpop_key)  # scope "read"
+    read = h.get("/me", dpop_headers(dpop_key, token, "GET", h.url("/me"), iat=issuer.clock()))
+    assert read.status == 200
+    with caplog.at_level(logging.WARNING, logger="dpop_middleware"):
+        write = h.request(
+            "POST", "/me", dpop_headers(dpop_key, token, "POST", h.url("/me"), iat=issuer.clock())
+        )
+    assert_refused(write, 403, "insufficient_scope", challenge=insufficient("write"))
+    assert write.json()["error_description"] == NO_SCOPE
+    (line,) = refusal_log(caplog)
+    assert line.startswith("dpop refused reason=insufficient_scope status=403 ")
+
+
+@pytest.mark.parametrize(
+    ("path", "claims", "status", "scope"),
+    [
+        pytest.param("/files/both", {"scope": "read"}, 403, "read write", id="two-needed-one-held"),
+        pytest.param("/files/both", {"scope": "write read"}, 200, "", id="two-needed-both-held"),
+        pytest.param("/files/administrator", {}, 200, "", id="not-a-whole-segment"),
+        pytest.param("/files/admin/x", {}, 403, "admin", id="below-the-rule"),
+        pytest.param("/files/admin", {"scope": REMOVE, "scp": ["admin"]}, 200, "", id="scp-list"),
+        pytest.param("/files/admin", {"scope": REMOVE}, 403, "admin", id="no-scope-claim"),
+        pytest.param("/files/admin", {"scope": ["admin"]}, 403, "admin", id="malformed-scope"),
+    ],
+)
+def test_required_scopes_rules(
+    serve: Callable[..., Harness],
+    settings: Any,
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    path: str,
+    claims: dict[str, Any],
+    status: int,
+    scope: str,
+) -> None:
+    h = serve(settings(required_scopes=SCOPE_RULES))
+    token = issuer.token(bound_to=dpop_key, claims=claims)
+    resp = h.get(path, dpop_headers(dpop_key, token, "GET", h.url(path), iat=issuer.clock()))
+    if status == 200:
+        assert resp.status == 200, resp.body
+        assert resp.seen is not None
+    else:
+        assert_refused(resp, 403, "insufficient_scope", challenge=insufficient(scope))
+
+
+def test_required_scopes_bearer_error_on_the_bearer_challenge(
+    serve: Callable[..., Harness], settings: Any, issuer: TokenIssuer
+) -> None:
+    h = serve(settings(mode="dpop_or_bearer", required_scopes=SCOPE_RULES))
+    resp = h.request("POST", "/me", [("Authorization", f"Bearer {issuer.token()}")])
+    assert_refused(resp, 403, "insufficient_scope", challenge=insufficient("write", "Bearer"))
+    ok = h.request(
+        "POST", "/me", [("Authorization", f"Bearer {issuer.token(claims={'scope': 'write'})}")]
+    )
+    assert ok.status == 200
+
+
 # -- what passes through ------------------------------------------------------------------------
 
 
@@ -629,7 +711,7 @@ def test_adapters_import_no_framework() -> None:
     only ``dpop_middleware.fastapi`` imports FastAPI."""
     code = (
         "import sys, dpop_middleware, dpop_middleware.asgi, dpop_middleware.wsgi, "
-        "dpop_middleware.django\n"
+        "dpop_middleware.django, dpop_middleware.routes\n"
         "dpop_middleware.DPoPMiddleware, dpop_middleware.DPoPWSGIMiddleware\n"
         "bad = {'django', 'starlette', 'fastapi', 'flask', 'werkzeug'} & set(sys.modules)\n"
         "assert not bad, bad\n"

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.errors import (
     DPoPError,
+    InsufficientScopeError,
     InvalidDPoPProofError,
     InvalidRequestError,
     MissingCredentialsError,
@@ -163,6 +164,10 @@ def challenge(
     err_params: list[str] = []
     if code is not None and error is not None:
         err_params = [f"error={_quote(code)}", f"error_description={_quote(error.description)}"]
+        if isinstance(error, InsufficientScopeError):
+            # RFC 6750 section 3: scope = space-delimited scope-tokens (NQCHAR only, checked
+            # at start-up), so the value needs no escaping.
+            err_params.append(f"scope={_quote(' '.join(error.scopes))}")
     on_dpop = error is not None and error.scheme in ("DPoP", "both")
     on_bearer = error is not None and error.scheme in ("Bearer", "both")
     dpop = ", ".join(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -29,6 +29,7 @@ from dpop_middleware.core.nonce import NonceIssuer
 from dpop_middleware.core.paths import check_path, under
 from dpop_middleware.core.proof import Proof, ProofParser, check_ath, check_iat
 from dpop_middleware.core.request import RequestInfo
+from dpop_middleware.core.scopes import ScopeRules, check_claims, check_scopes, parse_scopes
 from dpop_middleware.core.token import (
     AccessTokenChecker,
     VerifiedToken,
@@ -39,10 +40,11 @@ from dpop_middleware.errors import (
     DPoPError,
     InvalidDPoPProofError,
     InvalidTokenError,
+    MissingCredentialsError,
     ServiceUnavailableError,
     UseDPoPNonceError,
 )
-from dpop_middleware.settings import Settings
+from dpop_middleware.settings import ClaimRequirements, Settings
 
 Header = tuple[str, str]
 EXPOSE_HEADERS: Header = ("access-control-expose-headers", "WWW-Authenticate, DPoP-Nonce")
@@ -76,6 +78,13 @@ class DPoPResult(NamedTuple):
     def subject(self) -> str | None:
         sub = self.claims.get("sub")
         return sub if isinstance(sub, str) else None
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        """The token's scopes: ``scope`` split on spaces (RFC 9068 section 2.2.3), or ``scp``
+        (a list or a string); empty when absent or malformed. Parsed on each access, so apps
+        that never ask pay nothing."""
+        return parse_scopes(self.claims)
 
 
 class Pending(NamedTuple):
@@ -125,6 +134,10 @@ class Verifier:
         self._excluded = bool(settings.exclude_paths)
         self._pass_preflight = settings.cors_preflight == "pass"
         self._max_path = settings.max_path_length
+        # None without rules: the warm path pays one ``is not None`` test.
+        self._scope_rules = (
+            ScopeRules(settings.required_scopes) if settings.required_scopes else None
+        )
 
     @property
     def keys(self) -> IssuerKeys | None:
@@ -183,7 +196,10 @@ class Verifier:
         proof_value = hdr.proof_value(found.proofs, settings.max_proof_size)
 
         if scheme == "bearer":
-            return self._check_bearer(authorization, token, ath, now, cached)
+            pending = self._check_bearer(authorization, token, ath, now, cached)
+            if self._scope_rules is not None:
+                self._check_scope_rules(request, pending.result, self._scope_rules)
+            return pending
 
         # RFC 9449 section 7.1: a DPoP token MUST come with a proof.
         if proof_value is None:
@@ -214,7 +230,20 @@ class Verifier:
         ).digest()
         # The claims were frozen when the token was verified: no copy per request.
         result = DPoPResult(verified.claims, key.jkt, "DPoP", proof.claims)
+        if self._scope_rules is not None:
+            # After every other check, before the replay record: a refusal burns no jti.
+            self._check_scope_rules(request, result, self._scope_rules)
         return Pending(result, replay_key, self._ttl, response_headers)
+
+    @staticmethod
+    def _check_scope_rules(request: RequestInfo, result: DPoPResult, rules: ScopeRules) -> None:
+        """``required_scopes``: 403 ``insufficient_scope`` (RFC 6750 section 3.1), then 403
+        ``claim_mismatch`` for a rule's ``claims``."""
+        needed, claims = rules.needed(request.route_path, request.method)
+        if needed:
+            check_scopes(needed, result.claims, result.scheme)
+        if claims:
+            check_claims(claims, result.claims, result.scheme)
 
     def _nonce_freshness(
         self, proof: Proof, request: RequestInfo, now: float, nonces: NonceIssuer
@@ -271,6 +300,23 @@ class Verifier:
             )
         return Pending(DPoPResult(verified.claims, None, "Bearer"), None, 0.0)
 
+    def authorize(
+        self,
+        result: DPoPResult | None,
+        scopes: Iterable[str] = (),
+        claims: ClaimRequirements = (),
+    ) -> None:
+        """A per-route check: 401 (no error code, RFC 6750 section 3.1) when nothing was verified
+        (an excluded path, a preflight, ``report_only``), else 403 ``insufficient_scope`` unless
+        the token has every scope in ``scopes``, then 403 (reason ``claim_mismatch``) unless it
+        has every claim value in ``claims``."""
+        if result is None:
+            raise MissingCredentialsError("not_verified", "DPoP authentication required")
+        if scopes:
+            check_scopes(scopes, result.claims, result.scheme)
+        if claims:
+            check_claims(claims, result.claims, result.scheme)
+
     def finish(self, pending: Pending, first_seen: bool) -> DPoPResult:
         """Take the replay store's answer (RFC 9449 section 11.1)."""
         if not first_seen:
@@ -298,7 +344,7 @@ class Verifier:
             ))  # fmt: skip
         if isinstance(error, UseDPoPNonceError) and self._nonces is not None:
             headers.append(("dpop-nonce", self._nonces.current(self._clock())))
-        body: dict[str, str] = {"error": error.error or "unauthorized"}
+        body: dict[str, str] = {"error": error.error or error.body_error}
         body["error_description"] = error.description
         status = error.status
         if self.settings.always_401 and status in (400, 403):
