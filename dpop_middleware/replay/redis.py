@@ -675,8 +675,11 @@ class RedisReplayStore:
             # After a change of master the whole client is rebuilt, so that no connection of it
             # still points at the old master; threads drop their pinned connection to it.
             if self._client is None or self._pid != pid or self._epoch != epoch:
+                old = (self._client, self._extras) if self._pid == pid else (None, ())
                 self._client, self._extras = self._connect()  # RedisCluster connects: may raise
                 self._pid, self._epoch = pid, epoch
+                with contextlib.suppress(Exception):  # the old master's connections go now
+                    _close_sync(*old)
             return self._client
 
     def redis_key(self, key: bytes) -> bytes:
