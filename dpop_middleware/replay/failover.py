@@ -91,7 +91,8 @@ class FailoverWatch:
         self._watching: set[tuple[str, int]] = set()
         self._failover: set[tuple[str, int]] = set()  # Sentinels that report a failover
         self._odown: set[tuple[str, int]] = set()
-        self._address: tuple[str, int] | None = None
+        self._address: tuple[str, int] | None = None  # the master the store is told to use
+        self._views: dict[tuple[str, int], tuple[str, int] | None] = {}  # each Sentinel's view
         self._ready = threading.Event()
         self._start_deadline = 0.0
         self._stop = threading.Event()
@@ -130,6 +131,7 @@ class FailoverWatch:
             # After a fork the parent's threads are gone: start afresh (state included).
             self._pid = pid
             self._watching, self._failover, self._odown = set(), set(), set()
+            self._views = {}
             self._ready = threading.Event()
             self._start_deadline = time.monotonic() + self._timeout
             self._stop = stop = threading.Event()
@@ -197,7 +199,9 @@ class FailoverWatch:
             return
         if channel == "+switch-master":
             parts = data.split()
-            self._switched(node, (parts[3], int(parts[4])) if len(parts) >= 5 else None)
+            self._view(node, (parts[3], int(parts[4])) if len(parts) >= 5 else None)
+            self._odown.discard(node)
+            self._failover.discard(node)
         elif channel in _FAILOVER_STARTS:
             if node not in self._failover:
                 logger.warning(
@@ -216,29 +220,33 @@ class FailoverWatch:
         elif channel == "-odown":
             self._odown.discard(node)
 
-    def _switched(self, node: tuple[str, int], address: tuple[str, int] | None) -> None:
+    def _view(self, node: tuple[str, int], address: tuple[str, int] | None) -> None:
+        """Record where this Sentinel says the master is; a change means a new master.
+
+        Only a change in one Sentinel's own view counts (Sentinels that disagree for a moment
+        do not make the store reconnect back and forth), and each new address once.
+        """
         with self._lock:
-            if address is None or address != self._address:
+            before = self._views.get(node, address)
+            self._views[node] = address
+            if self._address is None:
                 self._address = address
-                self.epoch += 1  # first: a store that sees the failover end sees the new epoch
-                logger.warning(
-                    "dpop sentinel_switch_master service=%s new_master=%s; reconnecting",
-                    self.service,
-                    f"{address[0]}:{address[1]}" if address else "?",
-                )
-        self._odown.discard(node)
-        self._failover.discard(node)
+            if address == before or address == self._address:
+                return
+            self._address = address
+            self.epoch += 1  # before the failover flag is cleared: the store sees both in order
+        logger.warning(
+            "dpop sentinel_switch_master service=%s new_master=%s; reconnecting",
+            self.service,
+            f"{address[0]}:{address[1]}" if address else "?",
+        )
 
     def _check(self, client: Any, node: tuple[str, int]) -> None:
         """Ask this Sentinel for its view of the master: flags and address."""
         reply = client.execute_command("SENTINEL", "MASTER", self.service)
         fields = dict(zip(map(_text, reply[::2]), map(_text, reply[1::2]), strict=False))
         flags = set(fields.get("flags", "").split(","))
-        address = (fields.get("ip", ""), int(fields.get("port", "0") or 0))
-        if self._address is None:
-            self._address = address
-        elif address != self._address:
-            self._switched(node, address)
+        self._view(node, (fields.get("ip", ""), int(fields.get("port", "0") or 0)))
         if "failover_in_progress" in flags:
             self._failover.add(node)
         else:
