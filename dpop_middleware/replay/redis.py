@@ -16,6 +16,10 @@ one per process (rebuilt after a fork, so workers never share a socket) and, for
 one per event loop. Nothing is remembered about a failure, so requests pass again as soon as
 Redis answers.
 
+With Sentinel, stores built here follow failovers (:mod:`dpop_middleware.replay.failover`):
+they refuse from the first sign of a failover until the new master is in place, then reconnect,
+so no write lands on a master that is losing its role.
+
 This is the only module that imports ``redis``.
 """
 
@@ -49,6 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from dpop_middleware.errors import ConfigurationError, ReplayStoreError
+from dpop_middleware.replay.failover import FailoverWatch
 
 if TYPE_CHECKING:
     from dpop_middleware.replay import ReplayStoreConfig
@@ -427,6 +432,23 @@ def _async_connect(options: Mapping[str, Any]) -> AsyncConnect:
     return connect
 
 
+def _failover_watch(options: Mapping[str, Any]) -> FailoverWatch | None:
+    """A watch on the Sentinels of this service (None without ``sentinels``)."""
+    if not options["sentinels"]:
+        return None
+    service = _parse_url(options["url"], sentinel=True).host or ""
+
+    def connect(host: str, port: int) -> redis.Redis:
+        kwargs = _sentinel_kwargs(options, Retry(NoBackoff(), 0))
+        return redis.Redis(host=host, port=port, protocol=2, **kwargs)
+
+    return FailoverWatch(service, options["sentinels"], connect, timeout=options["timeout"])
+
+
+class FailoverRefusal(Exception):
+    """Writes are refused while a Sentinel failover is under way (see :mod:`.failover`)."""
+
+
 def _close_sync(client: SyncClient | None, extras: Sequence[redis.Redis]) -> None:
     for each in (client, *extras):
         if each is not None:
@@ -531,7 +553,7 @@ class _Health:
     A "recovered" line always follows a logged "down" line, at the first success.
     """
 
-    __slots__ = ("_last_report", "_unlogged", "clock", "down", "reported_down", "where")
+    __slots__ = ("_last_report", "_lock", "_unlogged", "clock", "down", "reported_down", "where")
 
     def __init__(self, where: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.where = where
@@ -540,12 +562,18 @@ class _Health:
         self.reported_down = False  # the last line logged said "down"
         self._last_report = -math.inf
         self._unlogged = 0  # outages that began in a quiet time and were not logged
+        self._lock = threading.Lock()  # threads fail together: one of them logs
 
     def _more(self) -> str:
         n = self._unlogged
         return f" ({n} more short outage{'s' if n != 1 else ''} not logged before this line)" if n else ""
 
     def failed(self, exc: BaseException) -> ReplayStoreError:
+        with self._lock:
+            self._report_down(exc)
+        return ReplayStoreError(f"redis SET NX failed ({self.where}): {type(exc).__name__}: {exc}")
+
+    def _report_down(self, exc: BaseException) -> None:
         if not self.down:
             self.down = True
             self._unlogged += 1
@@ -564,14 +592,16 @@ class _Health:
                 self.reported_down = True
                 self._last_report = now
                 self._unlogged = 0
-        return ReplayStoreError(f"redis SET NX failed ({self.where}): {type(exc).__name__}: {exc}")
 
     def recovered(self) -> None:
-        self.down = False
-        if self.reported_down:
-            self.reported_down = False
-            logger.warning("dpop replay_store_recovered backend=%s%s", self.where, self._more())
-            self._unlogged = 0
+        with self._lock:
+            self.down = False
+            if self.reported_down:
+                self.reported_down = False
+                logger.warning(
+                    "dpop replay_store_recovered backend=%s%s", self.where, self._more()
+                )
+                self._unlogged = 0
 
 
 class RedisReplayStore:
@@ -589,6 +619,7 @@ class RedisReplayStore:
         key_prefix: str = DEFAULTS["key_prefix"],
         connect: SyncConnect | None = None,
         where: str | None = None,
+        watch: FailoverWatch | None = None,
     ) -> None:
         if (client is None) == (connect is None):
             raise ValueError("pass either a client or a connect function")
@@ -603,6 +634,8 @@ class RedisReplayStore:
         self._local = threading.local()
         self._pinnable: redis.Redis | None = None
         self._health = _Health(where or _describe({"client": client}))
+        self._watch = watch
+        self._epoch = 0
 
     @classmethod
     def from_config(cls, config: ReplayStoreConfig) -> RedisReplayStore:
@@ -616,7 +649,12 @@ class RedisReplayStore:
             return cls(config.client, key_prefix=options["key_prefix"])
         where = _describe(options)
         connect = _sync_connect(options)
-        store = cls(connect=connect, key_prefix=options["key_prefix"], where=where)
+        store = cls(
+            connect=connect,
+            key_prefix=options["key_prefix"],
+            where=where,
+            watch=_failover_watch(options),
+        )
         if options["ping_on_startup"]:
             store._client, store._extras = _ping_on_startup(connect, where)
         return store
@@ -627,14 +665,21 @@ class RedisReplayStore:
             assert client is not None
             return client
         pid = os.getpid()
-        if client is not None and self._pid == pid:
+        watch = self._watch
+        epoch = watch.epoch if watch is not None else 0
+        if client is not None and self._pid == pid and self._epoch == epoch:
             return client
         with self._lock:
             # After a fork the parent's client is dropped, never used or closed here: its
             # sockets belong to the parent (redis-py does not shut down a socket of another pid).
-            if self._client is None or self._pid != pid:
+            # After a change of master the whole client is rebuilt, so that no connection of it
+            # still points at the old master; threads drop their pinned connection to it.
+            if self._client is None or self._pid != pid or self._epoch != epoch:
+                old = (self._client, self._extras) if self._pid == pid else (None, ())
                 self._client, self._extras = self._connect()  # RedisCluster connects: may raise
-                self._pid = pid
+                self._pid, self._epoch = pid, epoch
+                with contextlib.suppress(Exception):  # the old master's connections go now
+                    _close_sync(*old)
             return self._client
 
     def redis_key(self, key: bytes) -> bytes:
@@ -644,6 +689,11 @@ class RedisReplayStore:
     def add(self, key: bytes, ttl: float) -> bool:
         """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use)."""
         try:
+            watch = self._watch
+            if watch is not None:
+                why = watch.refusal()
+                if why is not None:
+                    raise FailoverRefusal(why)
             client = self._current()
             pinned = self._pinnable if client is self._pinnable else self._may_pin(client)
             if pinned is not None:
@@ -679,6 +729,9 @@ class RedisReplayStore:
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is None or local.client is not client:
+            if conn is not None:  # a connection of a client replaced after a change of master
+                with contextlib.suppress(Exception):
+                    conn.disconnect()
             conn = client.connection_pool.get_connection()
             local.conn, local.client = conn, client
         try:
@@ -695,6 +748,8 @@ class RedisReplayStore:
         """Close the client this store built (in this process); an app's own client is left."""
         if self._connect is None:
             return
+        if self._watch is not None:
+            self._watch.close()
         with self._lock:
             client, self._client = self._client, None
             extras, self._extras = self._extras, ()
@@ -803,6 +858,7 @@ class AsyncRedisReplayStore:
         connect: AsyncConnect | None = None,
         where: str | None = None,
         timeout: float = DEFAULTS["timeout"],
+        watch: FailoverWatch | None = None,
     ) -> None:
         if (client is None) == (connect is None):
             raise ValueError("pass either a client or a connect function")
@@ -815,6 +871,9 @@ class AsyncRedisReplayStore:
         self._timeout = timeout
         self._coalescer: _Coalescer | None = None
         self._health = _Health(where or _describe({"client": client}))
+        self._watch = watch
+        self._epoch = 0
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_config(cls, config: ReplayStoreConfig) -> AsyncRedisReplayStore:
@@ -839,6 +898,7 @@ class AsyncRedisReplayStore:
             key_prefix=options["key_prefix"],
             where=where,
             timeout=options["timeout"],
+            watch=_failover_watch(options),
         )
 
     def _current(self) -> AsyncClient:
@@ -848,17 +908,41 @@ class AsyncRedisReplayStore:
             return client
         loop = asyncio.get_running_loop()
         pid = os.getpid()
+        watch = self._watch
+        epoch = watch.epoch if watch is not None else 0
+        if self._epoch != epoch and client is not None and self._loop is loop and self._pid == pid:
+            # A change of master: close the old client (and its connection to the old master)
+            # in the background, and build a new one that asks Sentinel where the master is.
+            self._retire(client, self._extras, self._coalescer)
+            client = None
         if client is None or self._loop is not loop or self._pid != pid:
             # A client of another loop or process is dropped, not closed: its connections
             # cannot be used or awaited from here.
             client, self._extras = self._connect()
-            self._client, self._loop, self._pid = client, loop, pid
+            self._client, self._loop, self._pid, self._epoch = client, loop, pid, epoch
             self._coalescer = (
                 None
                 if isinstance(client, redis.asyncio.cluster.RedisCluster)
                 else _Coalescer(client, self._timeout)
             )
         return client
+
+    def _retire(
+        self,
+        client: AsyncClient,
+        extras: tuple[redis.asyncio.Redis, ...],
+        coalescer: _Coalescer | None,
+    ) -> None:
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                if coalescer is not None:
+                    await coalescer.aclose()
+                for each in (client, *extras):
+                    await each.aclose()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def redis_key(self, key: bytes) -> bytes:
         """The Redis key for a replay key: ``key_prefix`` + hex (no hash tag)."""
@@ -867,6 +951,12 @@ class AsyncRedisReplayStore:
     async def add(self, key: bytes, ttl: float) -> bool:
         """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use)."""
         try:
+            watch = self._watch
+            if watch is not None:
+                # The first use in a process starts the watch and waits for it: in a thread.
+                why = await asyncio.to_thread(watch.refusal) if watch.starting else watch.refusal()
+                if why is not None:
+                    raise FailoverRefusal(why)
             client = self._current()
             coalescer = self._coalescer
             if coalescer is not None and self._connect is not None:
@@ -884,6 +974,8 @@ class AsyncRedisReplayStore:
         """Close the client this store built (on this loop); an app's own client is left."""
         if self._connect is None:
             return
+        if self._watch is not None:
+            self._watch.close()
         client, self._client = self._client, None
         extras, self._extras = self._extras, ()
         coalescer, self._coalescer = self._coalescer, None
