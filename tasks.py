@@ -5,6 +5,7 @@
     python3 tasks.py test [args]   set up .venv, run the whole test suite (pytest)
     python3 tasks.py lint          ruff and mypy --strict on the package
     python3 tasks.py bench [args]  the benchmarks (python -m benchmarks)
+    python3 tasks.py docs [serve]  build the documentation site (mkdocs build --strict, into site/)
 
 The virtual environment lives in .venv and is re-installed when pyproject.toml changes.
 """
@@ -52,7 +53,7 @@ def run(*args: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test", "lint", "bench"):
+    if not argv or argv[0] not in ("demo", "test", "lint", "bench", "docs"):
         print(__doc__)
         return 2
     command, rest = argv[0], argv[1:]
@@ -63,6 +64,13 @@ def main(argv: list[str]) -> int:
         return run("-m", "pytest", *rest)
     if command == "bench":
         return run("-m", "benchmarks", *rest)
+    if command == "docs":
+        # --strict: a broken link or anchor, or a page missing from the nav, fails the build.
+        # NO_MKDOCS_2_WARNING silences Material's end-of-life banner, which is not about this site.
+        os.environ["NO_MKDOCS_2_WARNING"] = "1"
+        if rest[:1] == ["serve"]:
+            return run("-m", "mkdocs", "serve", *rest[1:])
+        return run("-m", "mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *rest)
     status = run("-m", "ruff", "check", "dpop_middleware", "tests", "benchmarks", "examples")
     return run("-m", "mypy", "--strict", "dpop_middleware") or status
 

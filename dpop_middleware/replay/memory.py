@@ -100,7 +100,7 @@ class MemoryReplayStore:
         logger.warning(
             "dpop memory_replay_store_not_shared pid=%d: %s. Each worker process has its own "
             "memory replay store, so a proof replayed to another worker is accepted: with more "
-            "than one worker, use a Redis replay_store (README: Running several workers)",
+            "than one worker, use a Redis replay_store (docs: Replay store and scaling out)",
             pid,
             why,
         )

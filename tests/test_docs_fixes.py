@@ -1,4 +1,5 @@
-"""README snippets that must work as copied: the Django entry points and the DPoPResult import."""
+"""Documentation snippets that must work as copied: the Django entry points, the DPoPResult import
+and the token client example (``docs/*.md``)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def block(first_line: str) -> str:
-    """The README's python code block that starts with ``first_line``."""
-    for code in re.findall(r"```python\n(.*?)```", README, re.S):
+def page(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def block(name: str, first_line: str) -> str:
+    """The python code block of ``docs/<name>`` that starts with ``first_line``."""
+    for code in re.findall(r"```python\n(.*?)```", page(name), re.S):
         if code.startswith(first_line + "\n"):
             return str(code)
-    raise AssertionError(f"no README block starts with {first_line!r}")
+    raise AssertionError(f"no block of docs/{name} starts with {first_line!r}")
 
 
 def test_django_entry_points_work_as_copied(tmp_path: Path) -> None:
@@ -25,12 +30,12 @@ def test_django_entry_points_work_as_copied(tmp_path: Path) -> None:
     (site / "__init__.py").write_text("")
     (site / "urls.py").write_text("urlpatterns = []\n")
     (site / "settings.py").write_text(
-        block("# settings.py")
+        block("django.md", "# settings.py")
         + 'SECRET_KEY = "x" * 50\nROOT_URLCONF = "mysite.urls"\nALLOWED_HOSTS = ["*"]\n'
         + "INSTALLED_APPS: list[str] = []\n"
     )
-    (site / "wsgi.py").write_text(block("# wsgi.py"))
-    (site / "asgi.py").write_text(block("# asgi.py"))
+    (site / "wsgi.py").write_text(block("django.md", "# wsgi.py"))
+    (site / "asgi.py").write_text(block("django.md", "# asgi.py"))
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     code = (
         "import mysite.wsgi, mysite.asgi\n"
@@ -43,11 +48,11 @@ def test_django_entry_points_work_as_copied(tmp_path: Path) -> None:
     assert done.stdout.split() == ["DPoPWSGIMiddleware", "DPoPMiddleware"]
 
 
-def test_dpop_result_import_path_in_the_readme() -> None:
+def test_dpop_result_import_path_in_the_docs() -> None:
     from dpop_middleware import DPoPResult
     from dpop_middleware.core.verifier import DPoPResult as core_result
 
-    assert "from dpop_middleware import DPoPResult" in README
+    assert "from dpop_middleware import DPoPResult" in page("adapters.md")
     assert DPoPResult is core_result
 
 
@@ -55,7 +60,8 @@ def test_the_token_client_example_runs(tmp_path: Path) -> None:
     program = tmp_path / "token_client_example.py"
     program.write_text(
         block(
-            "# token_client_example.py: a complete program (the test kit stands in for your servers)"
+            "clients.md",
+            "# token_client_example.py: a complete program (the test kit stands in for your servers)",
         )
     )
     done = subprocess.run(
