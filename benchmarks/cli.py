@@ -33,6 +33,7 @@ def row_names(plan: Plan | None = None) -> list[str]:
     return [
         FLOOR_VERIFY, FLOOR_REDIS, FLOOR_SUM, FLOOR_SEQUENCE,
         "core_memory_warm", "core_memory_cold", "core_redis_sync_warm",
+        "core_introspection_warm", "core_introspection_miss",
         f"asgi_redis_async_{conc}", f"asgi_memory_{conc}",
         "http_starlette_uvicorn_plain", "http_starlette_uvicorn_dpop_redis",
         "http_starlette_uvicorn_added",
@@ -153,6 +154,19 @@ def inprocess_rows(found: dict[str, dict[str, Samples]], plan: Plan) -> list[Row
             FLOOR_SUM, floor_sum, 1.4, None,
         ),
     }  # fmt: skip
+    warm_jwt = found["core_memory_warm"]["us"].median if "core_memory_warm" in found else None
+    core.update({
+        "core_introspection_warm": (
+            "Engine.run_sync, opaque token, introspection answer cached, same key and token",
+            "core_memory_warm", warm_jwt, 1.1, None,
+        ),
+        "core_introspection_miss": (
+            "Engine.run_sync, a new opaque token every request: one RFC 7662 call to a "
+            "loopback endpoint (stdlib server) each",
+            "core_memory_warm", warm_jwt, None,
+            "no target: the cost of a cache miss, dominated by the HTTP round trip",
+        ),
+    })  # fmt: skip
     for name, (what, floor, value, target, note) in core.items():
         if name in found:
             extra = {"note": note} if note else {}

@@ -25,7 +25,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from benchmarks.common import PATH, BenchmarkError, Client, Plan, Samples, per_op_us, redis_connect
+from benchmarks.common import (
+    PATH,
+    URL,
+    BenchmarkError,
+    Client,
+    Plan,
+    Samples,
+    per_op_us,
+    redis_connect,
+)
 from dpop_middleware.asgi import DPoPMiddleware
 from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.flow import Engine, Outcome
@@ -273,6 +282,44 @@ class CoreBench(Bench):
         self.store.close()
 
 
+class IntrospectionBench(CoreBench):
+    """``Engine.run_sync`` with opaque tokens checked by RFC 7662 introspection against the
+    test kit's authorization server on loopback (a real HTTP server in a thread). Warm: one
+    token, its answer cached; ``miss``: a new token every request, so one call each."""
+
+    def __init__(self, name: str, client: Client, n: int, *, miss: bool = False) -> None:
+        from dpop_middleware.testing import TokenIssuer
+
+        self.kit = TokenIssuer(audience=client.issuer.audience)
+        self.server = self.kit.serve().__enter__()
+        intro = {
+            "client_id": "client-abc",
+            "client_secret": "secret-abc",
+            "endpoint": self.server.introspection_endpoint,
+            "cache_ttl": 3600,
+        }
+        settings = Settings.from_dict(
+            self.server.introspection_settings(jwks=self.kit.jwks, introspection=intro)
+        )
+        super().__init__(name, client, n, MemoryReplayStore(), settings)
+        self.miss = miss
+        self.opaque = self.kit.opaque_token(bound_to=client.key, lifetime=3600)
+
+    def prepare(self) -> list[RequestInfo]:
+        key = self.client.key
+        if self.miss:
+            tokens = [self.kit.opaque_token(bound_to=key, lifetime=3600) for _ in range(self.n)]
+        else:
+            tokens = [self.opaque] * self.n
+        return [
+            request_info(token, key.proof("GET", URL, access_token=token)) for token in tokens
+        ]
+
+    def close(self) -> None:
+        super().close()
+        self.server.__exit__(None, None, None)
+
+
 # --------------------------------------------------------------------------------------------
 # ASGI in-process
 
@@ -373,6 +420,8 @@ def build(plan: Plan, client: Client, redis_url: str, prefix: str, groups: set[s
                 create_sync_store(redis.replay_store),
                 redis,
             ),
+            IntrospectionBench("core_introspection_warm", client, plan.warm_n),
+            IntrospectionBench("core_introspection_miss", client, plan.cold_n, miss=True),
         ]
     if "asgi" in groups:
         conc = plan.asgi_concurrency

@@ -67,7 +67,8 @@ STEPS: tuple[tuple[str, str, frozenset[str]], ...] = (
                 "unknown_kid", "token_signature_invalid", "issuer_mismatch",
                 "audience_mismatch", "token_exp_missing", "token_expired",
                 "token_not_yet_valid", "token_inactive", "token_type_mismatch",
-                "jwks_unavailable", "downgrade", "token_verifier_error"})),
+                "jwks_unavailable", "downgrade", "token_verifier_error",
+                "metadata_unavailable", "introspection_unavailable"})),
     ("binding", "the token's cnf.jkt is the proof key (section 6)",
      frozenset({"token_not_bound", "token_binding_unsupported", "jkt_mismatch"})),
     ("authorization", "the token's scopes and claims cover the route (required_scopes, helpers)",
@@ -148,12 +149,20 @@ def _check_keys(settings: Settings) -> dict[str, Any]:
 
     if settings.token_verifier is not None:
         return _finding("keys", True, "a token_verifier checks tokens (not exercised here)")
+    if settings.token_source == "introspection":  # noqa: S105 - not a secret
+        return _finding("keys", True, "every token is introspected (not exercised here)")
     document: Mapping[str, Any] | None = settings.jwks
     where = "the jwks setting"
-    if settings.jwks_uri is not None:
-        where = settings.jwks_uri
+    jwks_uri = settings.jwks_uri
+    if document is None and jwks_uri is None:
+        discovered = _discover(settings)
+        if isinstance(discovered, dict):
+            return discovered
+        jwks_uri = discovered
+    if jwks_uri is not None:
+        where = jwks_uri
         try:
-            document = fetch_jwks(settings.jwks_uri, settings.jwks_fetch_timeout)
+            document = fetch_jwks(jwks_uri, settings.jwks_fetch_timeout)
         except JWKSFetchError as exc:
             return _finding(
                 "jwks",
@@ -177,6 +186,34 @@ def _check_keys(settings: Settings) -> dict[str, Any]:
     if usable == 0:
         return _finding("jwks", False, detail, "the JWK Set has no key the middleware can use")
     return _finding("jwks", True, detail)
+
+
+def _discover(settings: Settings) -> str | dict[str, Any]:
+    """The ``jwks_uri`` of the issuer's metadata (RFC 8414), or a failed finding."""
+    from dpop_middleware.core.discovery import IssuerMetadata, MetadataError
+    from dpop_middleware.fetch import FetchError, fetch_json
+
+    assert settings.issuer is not None
+    metadata = IssuerMetadata(settings.issuer, cache_ttl=60, refresh_interval=60)
+    causes = []
+    for url in metadata.urls:
+        try:
+            found = metadata.load(fetch_json(url, timeout=settings.jwks_fetch_timeout), now=0.0)
+        except (FetchError, MetadataError) as exc:
+            causes.append(f"{url}: {exc}")
+            continue
+        if found.jwks_uri is None:
+            return _finding(
+                "metadata", False, f"{url}: no jwks_uri", "set jwks_uri, or publish it there"
+            )
+        return found.jwks_uri
+    return _finding(
+        "metadata",
+        False,
+        "; ".join(causes),
+        "check that issuer is exactly the authorization server's issuer and that its metadata "
+        "is reachable from this host; the middleware answers 503 metadata_unavailable until it is",
+    )
 
 
 def _check_store(settings: Settings) -> dict[str, Any]:

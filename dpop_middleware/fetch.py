@@ -1,9 +1,10 @@
-"""The one outbound HTTP fetch: a GET with a total deadline and a size limit (blocking I/O; the
-ASGI adapter runs it in a thread).
+"""The one outbound HTTP layer: a GET (documents) and a form POST (RFC 7662 introspection), each
+with a total deadline and a size limit (blocking I/O; the ASGI adapter runs it in a thread).
 
-Used for the issuer's JWK Set, and meant for every other document the middleware fetches
-(authorization server metadata, introspection): callers decide *when* to fetch, this module
-decides *how*, the same way for all of them.
+Used for the issuer's JWK Set, its authorization server metadata and token introspection:
+callers (``flow.Engine``) decide *when* to fetch, this module decides *how*, the same way for all
+of them. A failure's message names its cause in words an operator can act on (``HTTP 404``,
+``connection refused``, ``no complete answer within 5 s``) and never carries a request body.
 
 A socket timeout bounds one read, not a fetch: an endpoint that sends one byte a second never
 trips it. Here ``timeout`` is the whole fetch: connecting is given what is left of it, and a
@@ -23,7 +24,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 #: The largest document accepted (a JWK Set of a hundred RSA keys is about 60 KB).
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -84,6 +86,10 @@ class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
     ) -> urllib.request.Request | None:
+        if req.get_method() == "POST":  # would be followed as a GET, without the form
+            raise urllib.error.HTTPError(
+                req.full_url, code, "redirect of a POST refused", headers, fp
+            )
         if urllib.parse.urlsplit(newurl).scheme != urllib.parse.urlsplit(req.full_url).scheme:
             raise urllib.error.HTTPError(
                 req.full_url, code, "redirect to another scheme refused", headers, fp
@@ -103,34 +109,87 @@ def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(HTTPHandler, HTTPSHandler, _SameSchemeRedirects)
 
 
-def fetch(uri: str, *, timeout: float, max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
-    """GET ``uri`` and return the body, all within ``timeout`` seconds; FetchError otherwise.
+def _cause(exc: BaseException) -> str:
+    """What went wrong, for the operator: the HTTP status, ``connection refused``, ..."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}" + (f" ({exc.reason})" if exc.reason else "")
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(reason, socket.gaierror):
+        return f"name resolution failed ({reason.strerror})"
+    if isinstance(reason, BaseException) and reason is not exc:
+        return f"{type(reason).__name__}: {str(reason)[:200]}"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
-    The caller has checked the URL (https, or http on localhost only)."""
+
+class Answer(NamedTuple):
+    """A successful (2xx) answer: its media type (lower case, no parameters) and body."""
+
+    content_type: str
+    body: bytes
+
+
+def _send(request: urllib.request.Request, *, timeout: float, max_bytes: int) -> Answer:
     watchdog = _Watchdog(time.monotonic() + timeout)
     timer = threading.Timer(timeout, watchdog.expire)
     timer.daemon = True
     timer.start()
-    request = urllib.request.Request(uri, headers={"Accept": "application/json"})  # noqa: S310
     try:
         with _opener(watchdog).open(request, timeout=timeout) as response:
             body: bytes = response.read(max_bytes + 1)
+            content_type = response.headers.get_content_type()
     except (OSError, ValueError, http.client.HTTPException) as exc:
         if watchdog.expired:
             raise FetchError(f"no complete answer within {timeout:g} s") from exc
-        raise FetchError(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        raise FetchError(_cause(exc)) from exc
     finally:
         timer.cancel()
     if watchdog.expired:  # the body ended as the watchdog fired: do not trust it
         raise FetchError(f"no complete answer within {timeout:g} s")
     if len(body) > max_bytes:
         raise FetchError(f"document larger than {max_bytes} bytes")
-    return body
+    return Answer(content_type.lower(), body)
 
 
-def fetch_json(uri: str, *, timeout: float, max_bytes: int = MAX_DOCUMENT_BYTES) -> dict[str, Any]:
-    """:func:`fetch`, then parse a JSON object; FetchError if it is not one."""
-    body = fetch(uri, timeout=timeout, max_bytes=max_bytes)
+def fetch(uri: str, *, timeout: float, max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """GET ``uri`` and return the body, all within ``timeout`` seconds; FetchError otherwise.
+
+    The caller has checked the URL (https, or http on localhost only)."""
+    request = urllib.request.Request(uri, headers={"Accept": "application/json"})  # noqa: S310
+    return _send(request, timeout=timeout, max_bytes=max_bytes).body
+
+
+def post_form(
+    uri: str,
+    form: Mapping[str, str],
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float,
+    max_bytes: int = MAX_DOCUMENT_BYTES,
+) -> Answer:
+    """POST ``form`` as ``application/x-www-form-urlencoded`` to ``uri`` (same deadline, size limit
+    and redirect rule as :func:`fetch`); the answer, or FetchError (never with the form in it).
+
+    A redirect of a POST is refused: urllib would follow it as a GET without the body."""
+    body = urllib.parse.urlencode(form).encode("ascii")
+    request = urllib.request.Request(  # noqa: S310 - the caller checked the URL
+        uri,
+        data=body,
+        method="POST",
+        headers={
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+            **(headers or {}),
+        },
+    )
+    return _send(request, timeout=timeout, max_bytes=max_bytes)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object from ``body``; FetchError if it is not one."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
@@ -138,3 +197,8 @@ def fetch_json(uri: str, *, timeout: float, max_bytes: int = MAX_DOCUMENT_BYTES)
     if not isinstance(document, dict):
         raise FetchError("not a JSON object")
     return document
+
+
+def fetch_json(uri: str, *, timeout: float, max_bytes: int = MAX_DOCUMENT_BYTES) -> dict[str, Any]:
+    """:func:`fetch`, then parse a JSON object; FetchError if it is not one."""
+    return parse_json_object(fetch(uri, timeout=timeout, max_bytes=max_bytes))

@@ -14,14 +14,18 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from dpop_middleware.core.discovery import MetadataFetchNeeded, looks_like_metadata
+from dpop_middleware.core.introspection import TokenAnswerNeeded
 from dpop_middleware.core.keys import JWKSFetchNeeded, SkippedKey
 from dpop_middleware.core.metadata import MetadataEndpoint, Reply
 from dpop_middleware.core.request import RequestInfo
-from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
+from dpop_middleware.core.token import Answer
+from dpop_middleware.core.verifier import DPoPResult, Header, Pending, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
 from dpop_middleware.settings import Settings
+from dpop_middleware.sources import TokenSources
 
 logger = logging.getLogger("dpop_middleware")
 
@@ -81,6 +85,7 @@ class Engine:
         self._report_only = settings.mode == "report_only"
         self._sync_lock = threading.Lock()
         self._async_lock: asyncio.Lock | None = None
+        self._sources = TokenSources(settings, self.verifier.tokens)
         metadata = settings.resource_metadata
         self._metadata = (
             MetadataEndpoint(metadata, settings.algorithms, settings.mode != "dpop_or_bearer")
@@ -180,6 +185,15 @@ class Engine:
         except ValueError as exc:
             _log_skipped(keys.uri, keys.skipped)
             keys.fetch_failed(now=now)
+            if looks_like_metadata(document):
+                logger.error(
+                    "dpop jwks_invalid uri=%s: this is an authorization server metadata document, "
+                    "not a JWK Set; set 'jwks_uri' to its jwks_uri member (%s), or leave "
+                    "'jwks_uri' out to read it from the issuer's metadata",
+                    keys.uri,
+                    _clip(str(document.get("jwks_uri", "-"))),
+                )
+                return
             logger.error(
                 "dpop jwks_invalid uri=%s: %s; %s, next attempt in %g s at the earliest",
                 keys.uri,
@@ -216,23 +230,50 @@ class Engine:
             document = await asyncio.to_thread(self._fetch, need.uri)
             self._load_jwks(document)
 
+    # -- the core's check, with the I/O it asks for ---------------------------------------------
+
+    def _check_sync(self, request: RequestInfo) -> Pending | None:
+        """``verifier.check``, fetching what the core asks for in between (the issuer's metadata,
+        its JWK Set, a token's introspection or ``token_verifier`` answer), each at most once."""
+        answer: Answer | None = None
+        asked: set[type[Exception]] = set()
+        while True:
+            keys = self._keys
+            seen = keys.attempted_at if keys is not None else 0.0
+            try:
+                return self.verifier.check(request, answer)
+            except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
+                _ask_once(asked, need)
+                if isinstance(need, JWKSFetchNeeded):
+                    self.refresh_jwks_sync(need, seen)
+                elif isinstance(need, MetadataFetchNeeded):
+                    self._sources.refresh_metadata_sync(need)
+                else:
+                    answer = (need.key, self._sources.answer_sync(need))
+
+    async def _check_async(self, request: RequestInfo) -> Pending | None:
+        """:meth:`_check_sync` without blocking the event loop."""
+        answer: Answer | None = None
+        asked: set[type[Exception]] = set()
+        while True:
+            keys = self._keys
+            seen = keys.attempted_at if keys is not None else 0.0
+            try:
+                return self.verifier.check(request, answer)
+            except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
+                _ask_once(asked, need)
+                if isinstance(need, JWKSFetchNeeded):
+                    await self.refresh_jwks_async(need, seen)
+                elif isinstance(need, MetadataFetchNeeded):
+                    await self._sources.refresh_metadata_async(need)
+                else:
+                    answer = (need.key, await self._sources.answer_async(need))
+
     # -- the request ---------------------------------------------------------------------------
 
     def run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
         try:
-            keys = self._keys
-            seen = keys.attempted_at if keys is not None else 0.0
-            try:
-                pending = self.verifier.check(request)
-            except JWKSFetchNeeded as need:
-                # The core asked for the issuer's JWK Set: fetch it, then check once more.
-                self.refresh_jwks_sync(need, seen)
-                try:
-                    pending = self.verifier.check(request)
-                except JWKSFetchNeeded:
-                    raise ServiceUnavailableError(
-                        "jwks_unavailable", "Signing keys are not available"
-                    ) from None
+            pending = self._check_sync(request)
             if pending is None:
                 return _PASS
             if pending.replay_key is not None:
@@ -248,19 +289,7 @@ class Engine:
 
     async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
         try:
-            keys = self._keys
-            seen = keys.attempted_at if keys is not None else 0.0
-            try:
-                pending = self.verifier.check(request)
-            except JWKSFetchNeeded as need:
-                # The core asked for the issuer's JWK Set: fetch it, then check once more.
-                await self.refresh_jwks_async(need, seen)
-                try:
-                    pending = self.verifier.check(request)
-                except JWKSFetchNeeded:
-                    raise ServiceUnavailableError(
-                        "jwks_unavailable", "Signing keys are not available"
-                    ) from None
+            pending = await self._check_async(request)
             if pending is None:
                 return _PASS
             if pending.replay_key is not None:
@@ -284,6 +313,28 @@ def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
             _clip(each.kid) if each.kid is not None else "-",
             each.reason,
         )
+
+
+_STILL_NEEDED = {
+    JWKSFetchNeeded: ("jwks_unavailable", "Signing keys are not available"),
+    MetadataFetchNeeded: (
+        "metadata_unavailable",
+        "The authorization server's metadata is not available",
+    ),
+    TokenAnswerNeeded: (
+        "introspection_unavailable",
+        "The access token cannot be checked right now",
+    ),
+}
+
+
+def _ask_once(asked: set[type[Exception]], need: Exception) -> None:
+    """A request gets each kind of fetch once: asked again, it is a 503 (fail closed)."""
+    kind = type(need)
+    if kind in asked:
+        reason, description = _STILL_NEEDED[kind]
+        raise ServiceUnavailableError(reason, description) from None
+    asked.add(kind)
 
 
 def _store_down(exc: Exception) -> ServiceUnavailableError:

@@ -43,6 +43,10 @@ Preflight = Literal["verify", "pass"]
 PREFLIGHT: tuple[str, ...] = ("verify", "pass")
 Freshness = Literal["iat_and_nonce", "nonce_only"]
 FRESHNESS: tuple[str, ...] = ("iat_and_nonce", "nonce_only")
+TokenSource = Literal["auto", "jwt", "introspection"]
+TOKEN_SOURCES: tuple[str, ...] = ("auto", "jwt", "introspection")
+AuthMethod = Literal["client_secret_basic", "client_secret_post"]
+AUTH_METHODS: tuple[str, ...] = ("client_secret_basic", "client_secret_post")
 
 TokenVerifier = Callable[[str], Mapping[str, Any]]
 RefusalHook = Callable[[str, Mapping[str, Any]], Any]
@@ -66,6 +70,23 @@ class NonceSettings:
     def max_age(self) -> float:
         """How long after it is first issued a nonce is still accepted, at most."""
         return self.lifetime * self.accepted_steps
+
+
+@dataclass(frozen=True, slots=True)
+class IntrospectionSettings:
+    """Token introspection (RFC 7662): how this resource server authenticates to the endpoint.
+
+    ``client_secret`` is left out of ``repr`` so that no log or traceback of the settings shows it.
+    """
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    #: None: the ``introspection_endpoint`` of the issuer's metadata (RFC 8414).
+    endpoint: str | None = None
+    auth_method: AuthMethod = "client_secret_basic"
+    timeout: float = 5.0
+    #: The longest an active answer is reused (never past the token's ``exp``).
+    cache_ttl: float = 60.0
 
 
 #: A required claim value: a JSON string, integer or boolean.
@@ -103,6 +124,13 @@ class Settings:
     jwks_refresh_interval: float = 5.0
     jwks_fetch_timeout: float = 5.0
     token_verifier: TokenVerifier | None = None
+    #: How long a ``token_verifier``'s claims are reused (never past their ``exp``); 0: never.
+    token_verifier_cache_ttl: float = 60.0
+    #: RFC 7662 introspection of opaque tokens (and of JWTs not from our issuer, with "auto").
+    introspection: IntrospectionSettings | None = None
+    #: ``"auto"``: a JWS from our issuer is checked locally, anything else introspected;
+    #: ``"jwt"``: local checks only; ``"introspection"``: every token introspected.
+    token_source: TokenSource = "auto"  # noqa: S105 - not a secret
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     access_token_algorithms: tuple[str, ...] = DEFAULT_ACCESS_TOKEN_ALGORITHMS
     strict_access_token_typ: bool = False
@@ -159,6 +187,9 @@ class Settings:
 # validation
 
 _KEYS: tuple[str, ...] = tuple(f for f in Settings.__dataclass_fields__)
+_INTROSPECTION_KEYS = (
+    "client_id", "client_secret", "endpoint", "auth_method", "timeout", "cache_ttl",
+)  # fmt: skip
 _NONCE_KEYS = ("secret", "lifetime", "accepted_steps", "required", "context", "freshness")
 _RULE_KEYS = ("path", "methods", "scopes", "claims")
 #: RFC 6749 section 3.3: scope-token = 1*NQCHAR (no space, no quote, no backslash).
@@ -169,7 +200,7 @@ _METHOD = re.compile(r"[A-Z0-9!#$%&'*+\-.^_`|~]+")
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigurationError:
     shown = "<callable>" if callable(value) else repr(value)
-    if key in ("nonce.secret",):
+    if key in ("nonce.secret", "introspection.client_secret"):
         shown = "<secret>"
     if len(shown) > 120:
         shown = shown[:117] + "..."
@@ -187,10 +218,18 @@ def _unknown(keys: Sequence[str], known: Sequence[str], where: str) -> None:
             )
 
 
-def _number(raw: Mapping[str, Any], key: str, default: float, *, low: float, high: float) -> float:
+def _number(
+    raw: Mapping[str, Any],
+    key: str,
+    default: float,
+    *,
+    low: float,
+    high: float,
+    name: str | None = None,
+) -> float:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise _fail(key, value, f"a number of seconds from {low:g} to {high:g}")
+        raise _fail(name or key, value, f"a number of seconds from {low:g} to {high:g}")
     return float(value)
 
 
@@ -235,13 +274,79 @@ def _is_async(value: Any) -> bool:
     return False
 
 
-def _https_url(key: str, value: Any) -> str:
+def _is_async_generator(value: Any) -> bool:
+    while isinstance(value, functools.partial):
+        value = value.func
+    return any(inspect.isasyncgenfunction(f) for f in (value, type(value).__call__))
+
+
+def is_async_callable(value: Any) -> bool:
+    """Whether calling ``value`` gives a coroutine (``async def``, an object with an
+    ``async def __call__``, a partial of either, or a function marked as a coroutine function)."""
+    return _is_async(value) and not _is_async_generator(value)
+
+
+def _discoverable_issuer(issuer: str) -> None:
+    """RFC 8414 section 2: the issuer is an https URL with no query or fragment (http is
+    accepted for localhost only, as for ``jwks_uri``): its metadata URL is built from it."""
+    allowed = (
+        "an https:// URL without query or fragment (http:// only for localhost), since the "
+        "issuer's metadata (RFC 8414) is read from it when neither 'jwks' nor 'jwks_uri' is set"
+    )
+    _https_url("issuer", issuer, allowed)
+    parts = urlsplit(issuer)
+    if parts.query or parts.fragment or "?" in issuer or "#" in issuer:
+        raise _fail("issuer", issuer, allowed)
+
+
+def _introspection(value: Any) -> IntrospectionSettings | None:
+    if value is None:
+        return None
+    shape = (
+        "None or a dict with 'client_id', 'client_secret' and optional 'endpoint', "
+        "'auth_method', 'timeout', 'cache_ttl'"
+    )
+    if not isinstance(value, Mapping):
+        raise _fail("introspection", value, shape)
+    _unknown(list(value), _INTROSPECTION_KEYS, "introspection.")
+    for name in ("client_id", "client_secret"):
+        item = value.get(name)
+        if not isinstance(item, str) or not item:
+            raise _fail(f"introspection.{name}", item, "a non-empty string")
+    endpoint = value.get("endpoint")
+    if endpoint is not None:
+        endpoint = _https_url("introspection.endpoint", endpoint)
+    auth_method = value.get("auth_method", "client_secret_basic")
+    if auth_method not in AUTH_METHODS:
+        raise _fail(
+            "introspection.auth_method",
+            auth_method,
+            "'client_secret_basic' (default) or 'client_secret_post'",
+        )
+    return IntrospectionSettings(
+        client_id=value["client_id"],
+        client_secret=value["client_secret"],
+        endpoint=endpoint,
+        auth_method=auth_method,
+        timeout=_number(value, "timeout", 5, low=0.1, high=60, name="introspection.timeout"),
+        cache_ttl=_number(
+            value, "cache_ttl", 60, low=1, high=86400, name="introspection.cache_ttl"
+        ),
+    )
+
+
+def _https_url(key: str, value: Any, allowed: str | None = None) -> str:
+    allowed = allowed or "an https:// URL (http:// only for localhost)"
     if not isinstance(value, str):
-        raise _fail(key, value, "an https:// URL (http:// only for localhost)")
-    parts = urlsplit(value)
-    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
-    if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and local)):
-        raise _fail(key, value, "an https:// URL (http:// only for localhost)")
+        raise _fail(key, value, allowed)
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        raise _fail(key, value, allowed) from None
+    local = host in ("localhost", "127.0.0.1", "::1")
+    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and local)):
+        raise _fail(key, value, allowed)
     return value
 
 
@@ -455,26 +560,53 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     token_verifier = raw.get("token_verifier")
     if token_verifier is not None and not callable(token_verifier):
         raise _fail("token_verifier", token_verifier, "a callable(token: str) -> claims dict")
-    if token_verifier is not None and _is_async(token_verifier):
-        # It would be called without await and hand back a coroutine on every request.
+    if token_verifier is not None and _is_async_generator(token_verifier):
         raise _fail(
             "token_verifier",
             token_verifier,
-            "a plain (sync) callable(token: str) -> claims dict; async def verifiers are not "
-            "supported yet",
+            "a callable(token: str) -> claims dict, plain or async def (not an async generator)",
         )
 
     sources = [k for k in ("jwks", "jwks_uri", "token_verifier") if raw.get(k) is not None]
-    if len(sources) != 1:
+    if len(sources) > 1:
         raise ConfigurationError(
-            "dpop_middleware: set exactly one of 'jwks', 'jwks_uri' or 'token_verifier' "
-            f"(got {', '.join(sources) or 'none'})"
+            "dpop_middleware: set at most one of 'jwks', 'jwks_uri' or 'token_verifier' "
+            f"(got {', '.join(sources)}); with none, the keys come from the issuer's metadata"
         )
     if token_verifier is None and (issuer is None or not audience):
         raise ConfigurationError(
-            "dpop_middleware: 'issuer' and 'audience' are required with 'jwks' or 'jwks_uri' "
-            "(RFC 9068 section 4: the resource server checks both)"
+            "dpop_middleware: 'issuer' and 'audience' are required unless a 'token_verifier' "
+            "is set (RFC 9068 section 4: the resource server checks both; with neither 'jwks' "
+            "nor 'jwks_uri', the issuer's metadata (RFC 8414) says where its keys are)"
         )
+    introspection = _introspection(raw.get("introspection"))
+    if introspection is not None and token_verifier is not None:
+        raise ConfigurationError(
+            "dpop_middleware: set 'introspection' or 'token_verifier', not both"
+        )
+    source = raw.get("token_source", "auto")
+    if source not in TOKEN_SOURCES:
+        raise _fail(
+            "token_source",
+            source,
+            "'auto' (a JWS from our issuer is checked locally, any other token introspected), "
+            "'jwt' or 'introspection'",
+        )
+    if source == "introspection" and introspection is None:
+        raise ConfigurationError(
+            "dpop_middleware: token_source 'introspection' needs the 'introspection' setting"
+        )
+    if source == "jwt" and introspection is not None:
+        raise ConfigurationError(
+            "dpop_middleware: token_source 'jwt' with 'introspection' set: the introspection "
+            "endpoint would never be asked; leave one out"
+        )
+    discovery_needed = token_verifier is None and (
+        (jwks is None and jwks_uri is None and source != "introspection")
+        or (introspection is not None and introspection.endpoint is None)
+    )
+    if discovery_needed and issuer is not None:
+        _discoverable_issuer(issuer)
 
     mode = raw.get("mode", "dpop")
     if mode not in MODES:
@@ -531,6 +663,9 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         jwks_refresh_interval=_number(raw, "jwks_refresh_interval", 5, low=1, high=86400),
         jwks_fetch_timeout=_number(raw, "jwks_fetch_timeout", 5, low=0.1, high=60),
         token_verifier=token_verifier,
+        token_verifier_cache_ttl=_number(raw, "token_verifier_cache_ttl", 60, low=0, high=86400),
+        introspection=introspection,
+        token_source=source,
         algorithms=_algorithms(raw, "algorithms", DEFAULT_ALGORITHMS),
         access_token_algorithms=_algorithms(
             raw, "access_token_algorithms", DEFAULT_ACCESS_TOKEN_ALGORITHMS

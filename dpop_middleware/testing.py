@@ -17,6 +17,7 @@ This module needs only joserfc and cryptography; :func:`serve` imports uvicorn w
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import secrets
@@ -49,6 +50,9 @@ class TokenIssuer:
         self.kid = kid
         self.clock = clock
         self.key = _generate(alg)
+        #: Opaque tokens issued by :meth:`opaque_token`: token -> its introspection claims.
+        self.opaque: dict[str, dict[str, Any]] = {}
+        self.revoked: set[str] = set()
 
     @property
     def jwks(self) -> dict[str, Any]:
@@ -92,6 +96,49 @@ class TokenIssuer:
         protected = _merge({"typ": "at+jwt", "alg": self.alg, "kid": self.kid}, header)
         return sign_compact(protected, payload, self.key, protected.get("alg", self.alg))
 
+    def opaque_token(
+        self,
+        *,
+        bound_to: DPoPKey | str | None = None,
+        lifetime: float = 300,
+        claims: Mapping[str, Any] | None = None,
+    ) -> str:
+        """An opaque access token (random, not a JWT) that this issuer's introspection endpoint
+        (:meth:`serve`) knows: its answer (RFC 7662 section 2.2) has ``active``, ``iss``, ``aud``,
+        ``sub``, ``client_id``, ``scope``, ``exp``, ``iat``, ``token_type`` (``DPoP`` when bound)
+        and ``cnf.jkt`` (RFC 9449 section 6.2). ``claims`` overrides or adds answer members
+        (``REMOVE`` leaves one out). The issuer is read when the answer is made, so a token
+        made before ``serve()`` names the server's URL."""
+        now = int(self.clock())
+        answer: dict[str, Any] = {
+            "aud": self.audience,
+            "sub": "user-123",
+            "client_id": "client-abc",
+            "scope": "read",
+            "iat": now,
+            "exp": now + int(lifetime),
+            "token_type": "Bearer",
+        }
+        if bound_to is not None:
+            jkt = bound_to.jkt if isinstance(bound_to, DPoPKey) else bound_to
+            answer["cnf"] = {"jkt": jkt}
+            answer["token_type"] = "DPoP"  # noqa: S105 - not a secret
+        _merge(answer, claims)
+        token = "op_" + secrets.token_urlsafe(24)
+        self.opaque[token] = answer
+        return token
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """The RFC 7662 answer for ``token``: ``{"active": false}`` for an unknown, revoked or
+        expired token (by this issuer's clock)."""
+        answer = self.opaque.get(token)
+        if answer is None or token in self.revoked:
+            return {"active": False}
+        exp = answer.get("exp")
+        if isinstance(exp, int | float) and exp <= self.clock():
+            return {"active": False}
+        return {"active": True, "iss": self.issuer, **answer}
+
     def serve(
         self, *, clients: Mapping[str, str | None] | None = None, **options: Any
     ) -> AuthorizationServer:
@@ -115,6 +162,11 @@ class AuthorizationServer:
       the OpenID one at ``{path}/.well-known/openid-configuration`` (``well_known`` picks which);
       ``metadata`` adds or replaces members (``REMOVE`` leaves one out) for negative tests;
     * the JWK Set at ``{path}/jwks``;
+    * the introspection endpoint ``{path}/introspect`` (RFC 7662): the issuer's opaque tokens
+      (:meth:`TokenIssuer.opaque_token`), client authentication ``client_secret_basic`` or
+      ``client_secret_post``; ``introspection_requests`` counts the calls, ``introspection_delay``
+      slows each answer, ``introspection_reply`` replaces every answer with
+      ``(status, content_type, body)`` for negative tests;
     * the token endpoint ``{path}/token``: client credentials and refresh token grants, client
       authentication ``client_secret_basic`` / ``client_secret_post`` (``none`` for public
       clients, whose secret in ``clients`` is None). Every request needs a DPoP proof, checked
@@ -141,6 +193,7 @@ class AuthorizationServer:
         lifetime: float = 300,
         token_type: str = "DPoP",  # noqa: S107 - a token type, not a secret
         issue_refresh_tokens: bool = True,
+        opaque_tokens: bool = False,
         host: str = "127.0.0.1",
     ) -> None:
         from dpop_middleware.core.proof import ProofParser
@@ -156,6 +209,12 @@ class AuthorizationServer:
         self.lifetime = lifetime
         self.token_type = token_type
         self.issue_refresh_tokens = issue_refresh_tokens
+        #: The token endpoint issues opaque tokens (checked by introspection) instead of JWTs.
+        self.opaque_tokens = opaque_tokens
+        #: One entry per introspection request: (client_id, auth_method, token_type_hint).
+        self.introspection_requests: list[tuple[str | None, str | None, str | None]] = []
+        self.introspection_delay = 0.0
+        self.introspection_reply: tuple[int, str, bytes] | None = None
         self.algorithms = DEFAULT_ALGORITHMS
         self.nonce: str = secrets.token_urlsafe(16)
         self.token_requests: list[dict[str, Any]] = []
@@ -182,6 +241,20 @@ class AuthorizationServer:
     @property
     def jwks_uri(self) -> str:
         return self.url + "/jwks"
+
+    @property
+    def introspection_endpoint(self) -> str:
+        return self.url + "/introspect"
+
+    def introspection_settings(self, **extra: Any) -> dict[str, Any]:
+        """Middleware settings that read this server's metadata and introspect its opaque
+        tokens as ``client-abc`` (the default client)."""
+        return {
+            "issuer": self.url,
+            "audience": self.issuer_kit.audience,
+            "introspection": {"client_id": "client-abc", "client_secret": "secret-abc"},
+            **extra,
+        }
 
     def settings(self, **extra: Any) -> dict[str, Any]:
         """Middleware settings that trust this server through its ``jwks_uri``."""
@@ -211,6 +284,7 @@ class AuthorizationServer:
             "issuer": self.url,
             "token_endpoint": self.token_endpoint,
             "jwks_uri": self.jwks_uri,
+            "introspection_endpoint": self.introspection_endpoint,
             "grant_types_supported": ["client_credentials", "refresh_token"],
             "token_endpoint_auth_methods_supported": list(self.auth_methods),
             "dpop_signing_alg_values_supported": list(self.algorithms),
@@ -254,6 +328,8 @@ class AuthorizationServer:
         if method == "POST" and path == f"{self.path}/token":
             with self._lock:
                 return self._token(headers, body)
+        if method == "POST" and path == f"{self.path}/introspect":
+            return self._introspect(headers, body)
         return 405 if path == f"{self.path}/token" else 404, {}, {"error": "not_found"}
 
     def _token(self, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
@@ -318,7 +394,8 @@ class AuthorizationServer:
             scope = held[2]
         else:
             return error(400, "unsupported_grant_type")
-        token = self.issuer_kit.token(
+        made = self.issuer_kit.opaque_token if self.opaque_tokens else self.issuer_kit.token
+        token = made(
             bound_to=jkt,
             lifetime=self.lifetime,
             claims={"client_id": client_id, "sub": client_id, "scope": scope},
@@ -335,6 +412,36 @@ class AuthorizationServer:
             answer["refresh_token"] = refresh
         extra = {"DPoP-Nonce": self.nonce} if self.require_nonce else {}
         return 200, {**no_store, **extra}, answer
+
+    def _introspect(self, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
+        """RFC 7662 section 2: an authenticated client asks about a token."""
+        from urllib.parse import parse_qs
+
+        if self.introspection_delay:
+            time.sleep(self.introspection_delay)
+        try:
+            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        except UnicodeDecodeError:
+            return 400, {}, {"error": "invalid_request"}
+        client_id, secret, method = _client_auth(headers.get("Authorization"), form)
+        self.introspection_requests.append((client_id, method, form.get("token_type_hint")))
+        known = self.clients.get(client_id or "")
+        if (
+            method not in ("client_secret_basic", "client_secret_post")
+            or not isinstance(known, str)
+            or secret is None
+            or not hmac.compare_digest(known.encode(), secret.encode())
+        ):
+            return (
+                401,
+                {"WWW-Authenticate": 'Basic realm="introspect"'},
+                {"error": "invalid_client"},
+            )
+        if self.introspection_reply is not None:
+            return _Raw(*self.introspection_reply)  # type: ignore[return-value]
+        if "token" not in form:
+            return 400, {}, {"error": "invalid_request"}
+        return 200, {"Cache-Control": "no-store"}, self.issuer_kit.introspect(form["token"])
 
     def _check_proof(self, values: list[str]) -> tuple[Any, str | None]:
         from dpop_middleware.core.headers import proof_value
@@ -360,6 +467,13 @@ class AuthorizationServer:
             return proof, "replayed"
         self._jtis.add(seen)
         return proof, None
+
+
+class _Raw:
+    """A reply given as is (status, content type, body), for negative tests."""
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        self.status, self.content_type, self.body = status, content_type, body
 
 
 def _client_auth(
@@ -394,15 +508,22 @@ def _http_server(owner: AuthorizationServer, host: str) -> ThreadingHTTPServer:
             size = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(min(size, 65536)) if size else b""
             path = self.path.split("?", 1)[0]
-            status, headers, document = owner.handle(method, path, self.headers, body)
-            payload = json.dumps(document).encode()
+            replied = owner.handle(method, path, self.headers, body)
+            if isinstance(replied, _Raw):
+                status, headers = replied.status, {}
+                payload, content_type = replied.body, replied.content_type
+            else:
+                status, headers, document = replied
+                payload, content_type = json.dumps(document).encode(), "application/json"
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(payload)
+            # The client may have given up (a deadline test): nothing to tell it then.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(payload)
 
         def do_GET(self) -> None:
             self._answer("GET")

@@ -23,6 +23,8 @@ ROWS = [
     "core_memory_warm",
     "core_memory_cold",
     "core_redis_sync_warm",
+    "core_introspection_warm",
+    "core_introspection_miss",
     "asgi_redis_async_64",
     "asgi_memory_64",
     "http_starlette_uvicorn_plain",
@@ -37,6 +39,7 @@ ROWS = [
 TARGETS = [
     "core_memory_warm",
     "core_redis_sync_warm",
+    "core_introspection_warm",
     "asgi_redis_async_64",
     "http_starlette_uvicorn_added",
     "memory_store_bytes_per_entry",

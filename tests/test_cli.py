@@ -244,6 +244,17 @@ def test_check_with_a_real_jwks_uri(tmp_path: Path, kit: TokenIssuer) -> None:
     assert "ok    replay_store  memory://" in done.stdout
 
 
+def test_check_with_discovery(tmp_path: Path, kit: TokenIssuer, capsys: Any) -> None:
+    with kit.serve(path="/tenant") as server:
+        good = settings_file(tmp_path, {"issuer": server.url, "audience": "a"})
+        code, out = call(capsys, "check", "--settings", good)
+        assert code == 0, out
+        assert f"1 usable key(s) from {server.jwks_uri}" in out
+    wrong = settings_file(tmp_path, {"issuer": server.url + "/other", "audience": "a"})
+    code, out = call(capsys, "check", "--settings", wrong)
+    assert code == 1 and "FAIL  metadata" in out
+
+
 def test_check_unreachable_jwks_uri(tmp_path: Path, capsys: Any) -> None:
     uri = f"http://127.0.0.1:{free_port()}/jwks"
     settings = settings_file(

@@ -114,7 +114,26 @@ def test_secret_is_never_shown() -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        pytest.param({"issuer": "https://i", "audience": "a"}, id="no-key-source"),
+        pytest.param({"issuer": "https://i?x=1", "audience": "a"}, id="discovery-issuer-query"),
+        pytest.param({"issuer": "http://i.example", "audience": "a"}, id="discovery-issuer-http"),
+        pytest.param({"issuer": "https://i", "audience": "a", "token_verifier": dict,
+                      "introspection": {"client_id": "c", "client_secret": "s"}},
+                     id="verifier-and-introspection"),
+        pytest.param({"issuer": "https://i", "audience": "a", "token_source": "introspection"},
+                     id="introspection-source-without-introspection"),
+        pytest.param({"issuer": "https://i", "audience": "a", "token_source": "jwt",
+                      "introspection": {"client_id": "c", "client_secret": "s"}},
+                     id="jwt-source-with-introspection"),
+        pytest.param({"issuer": "https://i", "audience": "a",
+                      "introspection": {"client_id": "c", "client_secret": "s",
+                                        "auth_method": "private_key_jwt"}},
+                     id="introspection-auth-method"),
+        pytest.param({"issuer": "https://i", "audience": "a",
+                      "introspection": {"client_id": "c"}}, id="introspection-no-secret"),
+        pytest.param({"issuer": "https://i", "audience": "a",
+                      "introspection": {"client_id": "c", "client_secret": "s",
+                                        "endpoint": "http://as.example/introspect"}},
+                     id="introspection-endpoint-http"),
         pytest.param({**BASE, "jwks_uri": "https://i/jwks"}, id="two-key-sources"),
         pytest.param({"audience": "a", "jwks": {"keys": []}}, id="no-issuer"),
         pytest.param({"issuer": "https://i", "jwks": {"keys": []}}, id="no-audience"),
@@ -123,6 +142,25 @@ def test_secret_is_never_shown() -> None:
 def test_key_source_rules(raw: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         Settings.from_dict(raw)
+
+
+def test_issuer_and_audience_alone_mean_discovery() -> None:
+    from dpop_middleware.core.token import uses_discovery
+
+    s = Settings.from_dict({"issuer": "https://as.example/tenant", "audience": "a"})
+    assert uses_discovery(s)
+    assert not uses_discovery(Settings.from_dict({**BASE}))
+
+
+def test_the_client_secret_is_never_shown() -> None:
+    s = Settings.from_dict(
+        {**BASE, "introspection": {"client_id": "c", "client_secret": "hunter2-secret"}}
+    )
+    assert "hunter2-secret" not in repr(s)
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_dict({**BASE, "introspection": {"client_id": "c", "client_secret": 12345}})
+    assert "12345" not in str(info.value)
+    assert "<secret>" in str(info.value)
 
 
 def test_jwks_uri_must_be_https_except_localhost() -> None:
@@ -175,17 +213,23 @@ def _marked(token: str) -> Any:  # pragma: no cover
         pytest.param(_AsyncCallable(), id="object-with-async-call"),
         pytest.param(functools.partial(_AsyncCallable()), id="partial-of-async-object"),
         pytest.param(_AsyncCallable().verify, id="async-bound-method"),
-        pytest.param(_async_gen_verify, id="async-generator"),
         pytest.param(markcoroutinefunction(_marked), id="markcoroutinefunction"),
     ],
 )
-def test_an_async_token_verifier_is_refused_at_start_up(verifier: Any) -> None:
-    """It would be called without ``await`` and hand back a coroutine on every request."""
+def test_an_async_token_verifier_is_accepted(verifier: Any) -> None:
+    """Awaited under ASGI, run in a private event loop under WSGI (sources.py)."""
+    from dpop_middleware.settings import is_async_callable
+
+    assert Settings.from_dict({"token_verifier": verifier}).token_verifier is verifier
+    assert is_async_callable(verifier)
+
+
+def test_an_async_generator_is_no_verifier() -> None:
     with pytest.raises(ConfigurationError) as caught:
-        Settings.from_dict({"token_verifier": verifier})
+        Settings.from_dict({"token_verifier": _async_gen_verify})
     assert str(caught.value) == (
-        "dpop_middleware setting 'token_verifier': got <callable>; allowed: a plain (sync) "
-        "callable(token: str) -> claims dict; async def verifiers are not supported yet"
+        "dpop_middleware setting 'token_verifier': got <callable>; allowed: a callable(token: "
+        "str) -> claims dict, plain or async def (not an async generator)"
     )
 
 

@@ -32,6 +32,9 @@ IN_WORDS = {
     "resource_metadata.resource": "required",
     "resource_metadata.authorization_servers": "required",
     "resource_metadata.*": "none",
+    "introspection.client_id": "required",
+    "introspection.client_secret": "required",
+    "introspection.endpoint": "derived",
 }
 MINIMAL = {"issuer": "https://as.example", "audience": "https://api.example", "jwks": {"keys": []}}
 
@@ -71,6 +74,7 @@ def test_every_settings_key_is_documented_and_nothing_else() -> None:
     code = set(Settings.__dataclass_fields__)
     code |= {f"nonce.{k}" for k in settings_module._NONCE_KEYS}
     code |= {f"required_scopes[].{k}" for k in settings_module._RULE_KEYS}
+    code |= {f"introspection.{k}" for k in settings_module._INTROSPECTION_KEYS}
     code |= {f"replay_store.{k}" for k in REDIS_DEFAULTS} | {"replay_store.max_entries"}
     code |= {"resource_metadata.resource", "resource_metadata.authorization_servers"}
     code |= {"resource_metadata.*"}

@@ -54,7 +54,7 @@ def test_fetch_json(server: Server) -> None:
 @pytest.mark.parametrize(
     ("status", "body", "location", "message"),
     [
-        pytest.param(500, b"{}", "", "HTTPError: HTTP Error 500", id="http-500"),
+        pytest.param(500, b"{}", "", "HTTP 500", id="http-500"),
         pytest.param(200, b"[1]", "", "not a JSON object", id="array"),
         pytest.param(200, b"{", "", "not JSON (JSONDecodeError)", id="not-json"),
         pytest.param(200, b"[" * 2000, "", "not JSON (RecursionError)", id="nested"),
@@ -77,5 +77,5 @@ def test_connection_refused_is_a_fetch_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(FetchError, match=r"URLError: .*Connection refused"):
+    with pytest.raises(FetchError, match=r"^connection refused$"):
         fetch(f"http://127.0.0.1:{port}/doc", timeout=1)

@@ -23,7 +23,17 @@ from typing import Any, NamedTuple
 from joserfc import jwt
 from joserfc.errors import JoseError
 
+from dpop_middleware.core.discovery import IssuerMetadata, Metadata
 from dpop_middleware.core.frozen import freeze
+from dpop_middleware.core.introspection import (
+    REFUSAL_TTL,
+    Refused,
+    TokenAnswerNeeded,
+    answer_cache,
+    answer_cost,
+    audience_values,
+    shown,
+)
 from dpop_middleware.core.jose import COMPACT_JWS, MalformedError, b64encode, json_object
 from dpop_middleware.core.keys import LRU, IssuerKeys, JWKSFetchNeeded, ProofKey
 from dpop_middleware.errors import (
@@ -47,7 +57,7 @@ def _invalid(reason: str, description: str, scheme: Scheme) -> InvalidTokenError
     return InvalidTokenError(reason, description, scheme=scheme)
 
 
-def _broken_verifier(returned: object) -> TokenVerifierError:
+def broken_verifier(returned: object) -> TokenVerifierError:
     """A ``token_verifier`` that gave no mapping of claims: an awaitable (an async verifier the
     settings could not recognise) is closed unawaited; the request is refused, never let through."""
     if inspect.iscoroutine(returned):
@@ -84,6 +94,34 @@ class VerifiedToken(NamedTuple):
     version: int  # the JWK Set version it was verified under (0 for a token_verifier)
 
 
+class Accepted(NamedTuple):
+    """A cached answer of the introspection endpoint or the ``token_verifier`` that passed every
+    check but the clock and the request's scheme."""
+
+    verified: VerifiedToken
+    #: ``token_type`` lower-cased, or None when absent (RFC 9449 section 6.2).
+    token_type: str | None
+    #: Reused until then: ``min(exp, answered + cache_ttl)``.
+    until: float
+
+
+#: What the adapter hands back for a :class:`TokenAnswerNeeded`: the token's key and the answer.
+Answer = tuple[bytes, Accepted | Refused]
+
+
+def uses_discovery(settings: Settings) -> bool:
+    """Whether the issuer's metadata (RFC 8414) is read: no ``jwks``, ``jwks_uri`` or
+    ``token_verifier`` to check tokens locally, or an introspection endpoint to find."""
+    if settings.token_verifier is not None or settings.issuer is None:
+        return False
+    intro = settings.introspection
+    source: str = settings.token_source
+    local = source != "introspection"
+    return (local and settings.jwks is None and settings.jwks_uri is None) or (
+        intro is not None and intro.endpoint is None
+    )
+
+
 class AccessTokenChecker:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -93,17 +131,31 @@ class AccessTokenChecker:
         self._leeway = settings.leeway
         self._types = _STRICT_TYPES if settings.strict_access_token_typ else _LAX_TYPES
         self._custom = settings.token_verifier
+        self._introspection = settings.introspection
+        self._source = settings.token_source
         self.keys: IssuerKeys | None = None
-        if self._custom is None:
+        if self._custom is None and self._source != "introspection":
             self.keys = IssuerKeys(
                 settings.jwks,
                 uri=settings.jwks_uri,
                 cache_ttl=settings.jwks_cache_ttl,
                 refresh_interval=settings.jwks_refresh_interval,
             )
+        self.discovery: IssuerMetadata | None = None
+        if uses_discovery(settings):
+            assert settings.issuer is not None
+            self.discovery = IssuerMetadata(
+                settings.issuer,
+                cache_ttl=settings.jwks_cache_ttl,
+                refresh_interval=settings.jwks_refresh_interval,
+            )
         self._cache: LRU[str, VerifiedToken] = LRU(
             settings.token_cache_size, max_bytes=TOKEN_CACHE_MAX_BYTES
         )
+        #: Answers of the introspection endpoint or the token_verifier, by the token's hash.
+        self._answers: LRU[bytes, Accepted | Refused] | None = None
+        if self._custom is not None or self._introspection is not None:
+            self._answers = answer_cache(settings.token_cache_size)
 
     def cached(self, authorization: str, now: float) -> VerifiedToken | None:
         """The cache entry for an ``Authorization`` value if it is current: verified under this
@@ -128,9 +180,12 @@ class AccessTokenChecker:
         now: float,
         scheme: Scheme,
         cached: VerifiedToken | None,
+        answer: Answer | None = None,
     ) -> VerifiedToken:
         """The verified token, or InvalidTokenError; ``cached`` is what :meth:`cached` gave for
-        ``authorization``. ``scheme`` says which challenge gets the error."""
+        ``authorization``. ``scheme`` says which challenge gets the error. ``answer`` is what the
+        adapter was asked for last (:class:`TokenAnswerNeeded`): used even if the cache kept
+        nothing."""
         if cached is not None:
             exp, nbf, leeway = cached.exp, cached.nbf, self._leeway
             if exp is not None and now >= exp + leeway:
@@ -139,23 +194,17 @@ class AccessTokenChecker:
                 raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
             return cached
         name = scheme.lower()
-        if self._custom is not None:
-            claims = self._custom(token)
-            if not isinstance(claims, Mapping):
-                raise _broken_verifier(claims)
-            claims = _frozen(claims, scheme)
-            # RFC 7662: an inactive token is no token.
-            if "active" in claims and claims["active"] is not True:
-                raise _invalid("token_inactive", "The access token is not active", scheme)
-            token_type = claims.get("token_type")
-            if token_type is not None and scheme == "DPoP" and str(token_type).lower() != "dpop":
-                # RFC 9449 section 6.2: if present it MUST be DPoP.
-                raise _invalid(
-                    "token_type_mismatch", "The access token is not a DPoP token", scheme
-                )
-            exp, nbf = self._check_times(claims, now, scheme, required=False)
-            return VerifiedToken(name, token, claims, exp, nbf, _bound(claims, scheme), ath, 0)
+        answers = self._answers
+        if answers is not None:
+            found = answer[1] if answer is not None and answer[0] == ath else answers.get(ath)
+            if found is not None and (now < found.until or answer is not None):
+                return self._answered(found, now, scheme)
+            if self._custom is not None or self._remote(token):
+                raise TokenAnswerNeeded(token, ath, self._endpoint(now))
         keys = self.keys
+        assert keys is not None
+        if self.discovery is not None:
+            self._use_discovered_keys(keys, now)
         assert keys is not None
         claims = _frozen(self._verify_jwt(token, keys, now, scheme), scheme)
         exp, nbf = self._check_times(claims, now, scheme, required=True)
@@ -228,12 +277,157 @@ class AccessTokenChecker:
             raise _invalid("token_malformed", "The access token claims are not an object", scheme)
         # RFC 9068 section 4: iss must match exactly, aud must contain our audience.
         if claims.get("iss") != self._issuer:
-            raise _invalid("issuer_mismatch", "The access token issuer is not accepted", scheme)
+            raise self._issuer_mismatch(claims.get("iss"), scheme)
         aud = claims.get("aud")
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not any(isinstance(a, str) and a in self._audience for a in auds):
-            raise _invalid("audience_mismatch", "The access token audience is not accepted", scheme)
+            raise self._audience_mismatch(aud, scheme)
         return claims
+
+    def _issuer_mismatch(self, iss: Any, scheme: Scheme) -> InvalidTokenError:
+        return InvalidTokenError(
+            "issuer_mismatch",
+            "The access token issuer is not accepted",
+            scheme=scheme,
+            log_detail={"expected": str(self._issuer), "received": shown(iss)},
+        )
+
+    def _audience_mismatch(self, aud: Any, scheme: Scheme) -> InvalidTokenError:
+        expected = self._settings.audience
+        return InvalidTokenError(
+            "audience_mismatch",
+            "The access token audience is not accepted",
+            scheme=scheme,
+            log_detail={
+                "expected": expected[0] if len(expected) == 1 else shown(list(expected)),
+                "received": shown(aud),
+            },
+        )
+
+    # -- discovery, introspection, token_verifier ------------------------------------------------
+
+    def metadata(self, now: float) -> Metadata:
+        """The issuer's metadata; MetadataFetchNeeded when due; 503 while none can be had."""
+        discovery = self.discovery
+        assert discovery is not None
+        current = discovery.get(now)
+        if current is None:
+            raise ServiceUnavailableError(
+                "metadata_unavailable", "The authorization server's metadata is not available"
+            )
+        return current
+
+    def _use_discovered_keys(self, keys: IssuerKeys, now: float) -> None:
+        jwks_uri = self.metadata(now).jwks_uri
+        if jwks_uri is None:
+            raise ServiceUnavailableError(
+                "jwks_unavailable",
+                "Signing keys are not available",
+                log_detail={"cause": "the issuer's metadata has no jwks_uri"},
+            )
+        if keys.uri != jwks_uri:
+            keys.uri = jwks_uri
+
+    def _remote(self, token: str) -> bool:
+        """Whether the token goes to the introspection endpoint: always with token_source
+        "introspection"; with "auto", unless it is a JWS whose payload names our issuer."""
+        if self._introspection is None:
+            return False
+        if self._source == "introspection":
+            return True
+        if COMPACT_JWS.fullmatch(token) is None:
+            return True
+        try:
+            payload = json_object(token.split(".", 2)[1])
+        except MalformedError:
+            return True
+        return payload.get("iss") != self._issuer
+
+    def _endpoint(self, now: float) -> str | None:
+        """Where to introspect (None: ask the token_verifier)."""
+        intro = self._introspection
+        if intro is None:
+            return None
+        if intro.endpoint is not None:
+            return intro.endpoint
+        endpoint = self.metadata(now).introspection_endpoint
+        if endpoint is None:
+            raise ServiceUnavailableError(
+                "introspection_unavailable",
+                "The access token cannot be checked right now",
+                log_detail={"cause": "the issuer's metadata has no introspection_endpoint"},
+            )
+        return endpoint
+
+    def _answered(self, entry: Accepted | Refused, now: float, scheme: Scheme) -> VerifiedToken:
+        """An answer, checked against the clock and the request's scheme."""
+        if isinstance(entry, Refused):
+            raise InvalidTokenError(
+                entry.reason, entry.description, scheme=scheme, log_detail=entry.log_detail
+            )
+        kind = entry.token_type
+        if kind is not None and scheme == "DPoP" and kind != "dpop":
+            # RFC 9449 section 6.2: if present it MUST be DPoP.
+            raise _invalid("token_type_mismatch", "The access token is not a DPoP token", scheme)
+        verified, leeway = entry.verified, self._leeway
+        if verified.exp is not None and now >= verified.exp + leeway:
+            raise _invalid("token_expired", "The access token has expired", scheme)
+        if verified.nbf is not None and verified.nbf > now + leeway:
+            raise _invalid("token_not_yet_valid", "The access token is not yet valid", scheme)
+        return verified
+
+    def refused_by_verifier(self, key: bytes, error: InvalidTokenError, now: float) -> None:
+        """Remember for a few seconds that the ``token_verifier`` refused this token."""
+        if self._answers is not None and self._settings.token_verifier_cache_ttl > 0:
+            entry = Refused(error.reason, error.description, now + REFUSAL_TTL, error.log_detail)
+            self._answers.put(key, entry, 512)
+
+    def answer(
+        self, key: bytes, token: str, claims: Mapping[str, Any], now: float, *, introspected: bool
+    ) -> Accepted | Refused:
+        """Judge an introspection answer (``introspected``, RFC 7662 section 2.2) or a
+        ``token_verifier``'s claims, cache the verdict and return it."""
+        if introspected:
+            assert self._introspection is not None
+            ttl = self._introspection.cache_ttl
+        else:
+            ttl = self._settings.token_verifier_cache_ttl
+        entry = self._judge(key, token, claims, now, ttl, introspected=introspected)
+        if self._answers is not None and ttl > 0:
+            self._answers.put(key, entry, answer_cost(claims))
+        return entry
+
+    def _judge(
+        self,
+        key: bytes,
+        token: str,
+        claims: Mapping[str, Any],
+        now: float,
+        ttl: float,
+        *,
+        introspected: bool,
+    ) -> Accepted | Refused:
+        try:
+            # RFC 7662: an inactive token is no token.
+            if "active" in claims and claims["active"] is not True:
+                raise _invalid("token_inactive", "The access token is not active", "DPoP")
+            if introspected:
+                iss = claims.get("iss")
+                if iss is not None and iss != self._issuer:
+                    raise self._issuer_mismatch(iss, "DPoP")
+                if "aud" in claims:
+                    auds = audience_values(claims["aud"])
+                    if auds is None or not any(a in self._audience for a in auds):
+                        raise self._audience_mismatch(claims["aud"], "DPoP")
+            exp, nbf = self._check_times(claims, now, "DPoP", required=False)
+            jkt = _bound(claims, "DPoP")
+            frozen = _frozen(claims, "DPoP")
+        except InvalidTokenError as exc:
+            return Refused(exc.reason, exc.description, now + REFUSAL_TTL, exc.log_detail)
+        token_type = claims.get("token_type")
+        until = now + ttl if exp is None else min(exp, now + ttl)
+        verified = VerifiedToken("dpop", token, frozen, exp, nbf, jkt, key, 0)
+        return Accepted(verified, None if token_type is None else str(token_type).lower(), until)
 
     def _check_times(
         self, claims: Mapping[str, Any], now: float, scheme: Scheme, *, required: bool

@@ -6,7 +6,10 @@ back:
 * :meth:`Verifier.check` returns a :class:`Pending` (the replay key and TTL to record), or
   ``None`` for a request that is not protected, or raises a :class:`~dpop_middleware.errors.DPoPError`;
   it raises :class:`~dpop_middleware.core.keys.JWKSFetchNeeded` when the issuer's JWK Set must be
-  fetched first (the adapter fetches, calls ``verifier.keys.load`` and calls ``check`` again);
+  fetched first (the adapter fetches, calls ``verifier.keys.load`` and calls ``check`` again),
+  :class:`~dpop_middleware.core.discovery.MetadataFetchNeeded` for the issuer's metadata, and
+  :class:`~dpop_middleware.core.introspection.TokenAnswerNeeded` when the introspection endpoint
+  or the ``token_verifier`` must be asked (the adapter asks, and passes the answer to ``check``);
 * :meth:`Verifier.finish` takes the replay store's answer and returns the :class:`DPoPResult`.
 
 The replay record is made only after every other check passed, so a bad request never burns a
@@ -32,6 +35,7 @@ from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.scopes import ScopeRules, check_claims, check_scopes, parse_scopes
 from dpop_middleware.core.token import (
     AccessTokenChecker,
+    Answer,
     VerifiedToken,
     check_binding,
     token_ath,
@@ -144,6 +148,11 @@ class Verifier:
         """The issuer's JWK Set holder (None with a ``token_verifier``)."""
         return self._tokens.keys
 
+    @property
+    def tokens(self) -> AccessTokenChecker:
+        """The access token checks (the adapter hands introspection answers to them)."""
+        return self._tokens
+
     def now(self) -> float:
         return self._clock()
 
@@ -176,7 +185,7 @@ class Verifier:
 
     # -- the checks ----------------------------------------------------------------------------
 
-    def check(self, request: RequestInfo) -> Pending | None:
+    def check(self, request: RequestInfo, answer: Answer | None = None) -> Pending | None:
         # Every request, excluded or not: a path we would judge differently from the app is refused.
         check_path(request.path, request.route_path, self._max_path)
         if (self._pass_preflight or self._excluded) and not self.is_protected(request):
@@ -196,7 +205,7 @@ class Verifier:
         proof_value = hdr.proof_value(found.proofs, settings.max_proof_size)
 
         if scheme == "bearer":
-            pending = self._check_bearer(authorization, token, ath, now, cached)
+            pending = self._check_bearer(authorization, token, ath, now, cached, answer)
             if self._scope_rules is not None:
                 self._check_scope_rules(request, pending.result, self._scope_rules)
             return pending
@@ -220,7 +229,7 @@ class Verifier:
             response_headers: tuple[Header, ...] = ()
         else:
             response_headers = self._nonce_freshness(proof, request, now, self._nonces)
-        verified = tokens.check(authorization, token, ath, now, "DPoP", cached)
+        verified = tokens.check(authorization, token, ath, now, "DPoP", cached, answer)
         key = proof.key
         check_binding(verified, key)
         # The replay key: a hash of (key thumbprint, jti), so two clients cannot collide.
@@ -286,13 +295,14 @@ class Verifier:
         ath: bytes,
         now: float,
         cached: VerifiedToken | None,
+        answer: Answer | None,
     ) -> Pending:
         if not self._bearer:
             # Only DPoP is accepted; a Bearer token (bound or not) is refused (section 7.2).
             raise InvalidTokenError(
                 "bearer_not_allowed", "Bearer tokens are not accepted; use DPoP", scheme="DPoP"
             )
-        verified = self._tokens.check(authorization, token, ath, now, "Bearer", cached)
+        verified = self._tokens.check(authorization, token, ath, now, "Bearer", cached, answer)
         if verified.jkt is not None:
             # Section 7.2: "MUST reject a DPoP-bound access token received as a bearer token".
             raise InvalidTokenError(
