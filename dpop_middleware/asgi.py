@@ -93,6 +93,7 @@ class DPoPMiddleware:
             if store is None:
                 store = create_async_store(config.replay_store, replay_ttl=config.replay_ttl)
             self.store: AsyncReplayStore = store
+            _install_route_refusal_handler(app)
         except (ConfigurationError, ReplayStoreError) as exc:
             # Built by Starlette on the first ASGI call, raising would not stop the server
             # (dpop_middleware.startup): fail the lifespan startup instead.
@@ -151,6 +152,31 @@ class DPoPMiddleware:
                 await _send_refusal(send, refused.refusal, head=scope["method"] == "HEAD")
             else:
                 await _deny_websocket(scope, receive, send, refused.refusal)
+
+
+def _install_route_refusal_handler(app: ASGIApp) -> None:
+    """Wrapped around a Starlette/FastAPI app from outside (``DPoPMiddleware(FastAPI(), ...)``),
+    a route helper's :class:`RouteRefusedError` would first reach the app's own
+    ``ServerErrorMiddleware`` and become a 500. Registering a handler on the app (its middleware
+    stack is built later, on the first call) renders it inside the app, exactly as the middleware
+    would. Duck-typed: this module imports no framework."""
+    add = getattr(app, "add_exception_handler", None)
+    if callable(add) and getattr(app, "middleware_stack", False) is None:
+        add(RouteRefusedError, _route_refusal_handler)
+
+
+async def _route_refusal_handler(connection: Any, exc: Exception) -> Any:
+    assert isinstance(exc, RouteRefusedError)
+    refusal = exc.refusal
+    scope = connection.scope
+    if scope["type"] == "websocket":
+        await _deny_websocket(scope, connection.receive, connection.send, refusal)
+        return None
+
+    async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_refusal(send, refusal, head=scope["method"] == "HEAD")
+
+    return respond  # Starlette calls what a handler returns as an ASGI app
 
 
 def _refusal_headers(refusal: Refusal | Reply) -> list[tuple[bytes, bytes]]:

@@ -19,7 +19,9 @@ from dpop_middleware import ConfigurationError, DPoPMiddleware, DPoPResult, DPoP
 from dpop_middleware.fastapi import DPoPScopes, require_dpop
 from dpop_middleware.testing import REMOVE, DPoPKey, TokenIssuer
 
-HELPER_FRAMEWORKS = ("starlette", "fastapi", "flask", "django_wsgi", "django_asgi")
+HELPER_FRAMEWORKS = (
+    "starlette", "fastapi", "fastapi_outside", "flask", "django_wsgi", "django_asgi",
+)  # fmt: skip
 NO_SCOPE = "The access token does not have the scope this request needs"
 
 
@@ -84,13 +86,17 @@ def starlette_app(settings: Mapping[str, Any]) -> Any:
     return Starlette(routes=routes, middleware=[Middleware(DPoPMiddleware, settings=settings)])
 
 
-def fastapi_app(settings: Mapping[str, Any]) -> Any:
+def fastapi_app(settings: Mapping[str, Any], *, outside: bool = False) -> Any:
+    """``outside``: the middleware wrapped around the app (``DPoPMiddleware(FastAPI(), ...)``)
+    instead of ``add_middleware``: a refusal raised in a dependency then passes the app's own
+    ServerErrorMiddleware, and was a 500 before the middleware registered its handler."""
     # The views' annotations are strings (PEP 563): FastAPI resolves them in this module's
     # globals, hence Security, WebSocket, DPoPScopes and require_dpop are imported at the top.
     from fastapi import FastAPI
 
     app = FastAPI()
-    app.add_middleware(DPoPMiddleware, settings=settings)
+    if not outside:
+        app.add_middleware(DPoPMiddleware, settings=settings)
 
     @app.get("/read")
     def read(dpop: Annotated[DPoPResult, Security(require_dpop, scopes=["read"])]) -> Any:
@@ -122,7 +128,7 @@ def fastapi_app(settings: Mapping[str, Any]) -> Any:
         await websocket.send_json(seen(dpop))
         await websocket.close()
 
-    return app
+    return DPoPMiddleware(app, settings=settings) if outside else app
 
 
 def flask_app(settings: Mapping[str, Any]) -> Any:
@@ -237,6 +243,7 @@ def django_asgi_app(settings: Mapping[str, Any]) -> Any:
 BUILDERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "starlette": starlette_app,
     "fastapi": fastapi_app,
+    "fastapi_outside": lambda settings: fastapi_app(settings, outside=True),
     "flask": flask_app,
     "django_wsgi": django_wsgi_app,
     "django_asgi": django_asgi_app,
@@ -272,7 +279,8 @@ def serve(framework: str, make_settings: Any) -> Iterator[Callable[..., Harness]
             cm = django_urls()
             stack.append(cm)
             cm.__enter__()
-        return Harness(framework, app, client_ip="192.0.2.10", root_path="")
+        kind = "fastapi" if framework == "fastapi_outside" else framework
+        return Harness(kind, app, client_ip="192.0.2.10", root_path="")
 
     yield open_
     for cm in reversed(stack):
