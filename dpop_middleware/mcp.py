@@ -14,7 +14,7 @@ The profile (SEP-1932, DPoP for MCP, adopts RFC 9449 as is):
 * ``iat`` within +-5 minutes, always, with or without server nonces (``proof_max_age`` and
   ``clock_skew`` 300 s; ``nonce.freshness="nonce_only"`` is refused);
 * the token's ``aud`` is the resource (``audience`` defaults to it), the proof's ``htu`` is
-  built on the resource's origin (``public_url`` defaults to it);
+  built on the resource's scheme and host (with the server's mount prefix);
 * RFC 9728 metadata is served and every challenge names it (``resource_metadata``).
 
 Tools read who called with :func:`caller`. This module does not import the MCP SDK (it wraps any
@@ -128,11 +128,10 @@ def caller(ctx: Any) -> MCPCaller:
     if not isinstance(result, DPoPResult):
         raise LookupError("no verified DPoP result for this MCP request")
     claims = result.claims
-    scope_claim = claims.get("scope")
     client_id = claims.get("client_id")
     return MCPCaller(
         subject=result.subject,
-        scopes=frozenset(scope_claim.split()) if isinstance(scope_claim, str) else frozenset(),
+        scopes=result.scopes,  # the same parse as the middleware's scope rules (scope or scp)
         jkt=result.jkt,
         client_id=client_id if isinstance(client_id, str) else None,
         claims=claims,

@@ -111,7 +111,9 @@ class ScopeRule:
 class PublicURL:
     scheme: str
     authority: str
-    prefix: str
+    #: None: only scheme and host are fixed, the mount prefix is the server's (a ``public_url``
+    #: implied by ``resource_metadata``, which cannot tell the mount prefix from the route).
+    prefix: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +366,15 @@ def _public_url(value: Any) -> PublicURL | None:
     except ValueError:
         raise _fail("public_url", value, allowed) from None
     return PublicURL(scheme, authority, prefix)
+
+
+def _implied_public_url(origin: str) -> PublicURL:
+    """``public_url`` implied by ``resource_metadata``: the resource's scheme and host, with the
+    server's own mount prefix (``root_path`` / ``SCRIPT_NAME``) kept, so an app mounted below
+    ``/mcp`` still expects the ``htu`` its clients sign."""
+    fixed = _public_url(origin)
+    assert fixed is not None
+    return PublicURL(fixed.scheme, fixed.authority, None)
 
 
 def _paths(key: str, value: Any) -> tuple[str, ...]:
@@ -684,9 +695,9 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         required_scopes=_scope_rules(raw.get("required_scopes", ())),
         cors_preflight=preflight,
         max_path_length=_integer(raw, "max_path_length", 8192, low=256, high=65536),
-        public_url=_public_url(
-            raw.get("public_url", metadata.origin if metadata is not None else None)
-        ),
+        public_url=_public_url(raw.get("public_url"))
+        if "public_url" in raw or metadata is None
+        else _implied_public_url(metadata.origin),
         resource_metadata=metadata,
         trusted_proxies=tuple(networks),
         on_refusal=on_refusal,

@@ -55,10 +55,11 @@ def test_defaults_derived_from_resource() -> None:
     s = build()
     assert s.audience == (RESOURCE,)
     assert s.public_url is not None
+    # Scheme and host from the resource; the mount prefix stays the server's (None).
     assert (s.public_url.scheme, s.public_url.authority, s.public_url.prefix) == (
         "https",
         "tools.example",
-        "",
+        None,
     )
     assert s.resource_metadata is not None
     assert s.resource_metadata.url == "https://tools.example" + WELL_KNOWN
@@ -126,6 +127,33 @@ def harness(issuer: TokenIssuer, clock: Any) -> Callable[..., Harness]:
         )
 
     return make
+
+
+@pytest.mark.parametrize(
+    ("signed", "status"),
+    [
+        pytest.param("https://tools.example/mcp/", 200, id="honest-proof-for-the-mounted-app"),
+        pytest.param("https://tools.example/", 401, id="proof-for-another-uri"),
+    ],
+)
+def test_implied_public_url_keeps_the_mount_prefix(
+    harness: Callable[..., Harness],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+    signed: str,
+    status: int,
+) -> None:
+    """An app mounted at /mcp (uvicorn --root-path, SCRIPT_NAME) with metadata on: the implied
+    public_url fixes scheme and host only. It used to drop the prefix, refusing the honest proof
+    (htu_mismatch) and accepting one signed for https://tools.example/."""
+    h = harness()
+    token = issuer.token(bound_to=dpop_key, claims={"aud": API})
+    proof = dpop_key.proof("GET", signed, access_token=token)
+    headers = [("authorization", f"DPoP {token}"), ("dpop", proof)]
+    answer = h.send("GET", "https://tools.example/", headers, root_path="/mcp")
+    assert answer.status == status, answer.reason
+    if status == 401:
+        assert answer.reason == "htu_mismatch"
 
 
 def document_of(h: Harness, method: str = "GET", path: str = WELL_KNOWN, **kw: Any) -> Any:

@@ -284,3 +284,27 @@ def test_caller_refuses_an_unverified_request() -> None:
 
     with pytest.raises(LookupError):
         caller(Request())
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        pytest.param({"scope": "read admin"}, {"read", "admin"}, id="scope"),
+        pytest.param({"scp": ["read", "admin"]}, {"read", "admin"}, id="scp-list"),
+        pytest.param({"scope": "read\u00a0admin"}, {"read\u00a0admin"}, id="no-space-split"),
+    ],
+)
+def test_caller_scopes_are_the_middlewares(claims: dict[str, Any], scopes: set[str]) -> None:
+    """caller() split the scope on any whitespace and ignored scp; it now gives what the scope
+    rules and DPoPResult.scopes see."""
+    from dpop_middleware import DPoPResult
+    from dpop_middleware.core.frozen import freeze
+
+    result = DPoPResult(freeze({"sub": "u", **claims}), "jkt", "DPoP")
+
+    class Request:
+        def __init__(self) -> None:
+            self.scope: dict[str, Any] = {"dpop": result}
+
+    who = caller(Request())
+    assert who.scopes == scopes == result.scopes

@@ -197,7 +197,7 @@ def _trusted(
 def request_htu(
     request: RequestInfo,
     host_values: Sequence[str],
-    public_url: tuple[str, str, str] | None,
+    public_url: tuple[str, str, str | None] | None,
     trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
 ) -> str:
     """The normalised URI this request was sent to, as the client should have put it in ``htu``.
@@ -214,7 +214,13 @@ def request_htu(
             log_detail={"path": path},
         )  # fmt: skip
     if public_url is not None:
-        scheme, authority, prefix = public_url
+        scheme, authority, fixed = public_url
+        if fixed is not None:
+            return f"{scheme}://{authority}{normalize_path(fixed + path)}"
+        # Scheme and host fixed, the mount prefix the server's (forwarded headers ignored).
+        prefix = request.root_path
+        if prefix:
+            _check_prefix(request, prefix, trusted=False)
         return f"{scheme}://{authority}{normalize_path(prefix + path)}"
 
     scheme = request.scheme.lower()
@@ -241,23 +247,8 @@ def request_htu(
         if fprefix:
             prefix = _last(fprefix[-1]).rstrip("/")
 
-    if prefix and not trusted:
-        # Servers that take the mount prefix from a request header (gunicorn's SCRIPT_NAME from
-        # its forwarded_allow_ips, 127.0.0.1 by default; daphne's Daphne-Root-Path from anyone)
-        # let the client move the split between prefix and path: the same htu would then
-        # route to another handler. Only a trusted proxy may send them.
-        for name in _PREFIX_HEADERS:
-            if request.header_values(name):
-                raise InvalidRequestError(
-                    "untrusted_mount_prefix",
-                    "The request names its own mount prefix",
-                    log_detail={"header": name},
-                )
-    if prefix and prefix[0] != "/":
-        raise InvalidRequestError(
-            "invalid_path", "The request prefix is not an absolute path",
-            log_detail={"prefix": prefix},
-        )  # fmt: skip
+    if prefix:
+        _check_prefix(request, prefix, trusted=trusted)
     if scheme not in _DEFAULT_PORTS:
         raise InvalidRequestError("invalid_host", "Unsupported request scheme")
     if host is None and request.server is not None:
@@ -271,6 +262,29 @@ def request_htu(
         raise InvalidRequestError(
             "invalid_host", "The Host header is not a valid host", log_detail={"host": host}
         ) from None
+
+
+def _check_prefix(request: RequestInfo, prefix: str, *, trusted: bool) -> None:
+    """The mount prefix starts with ``/``, and a client did not name it.
+
+    Servers that take the mount prefix from a request header (gunicorn's SCRIPT_NAME from its
+    forwarded_allow_ips, 127.0.0.1 by default; daphne's Daphne-Root-Path from anyone) let the
+    client move the split between prefix and path: the same htu would then route to another
+    handler. Only a trusted proxy may send them.
+    """
+    if not trusted:
+        for name in _PREFIX_HEADERS:
+            if request.header_values(name):
+                raise InvalidRequestError(
+                    "untrusted_mount_prefix",
+                    "The request names its own mount prefix",
+                    log_detail={"header": name},
+                )
+    if prefix[0] != "/":
+        raise InvalidRequestError(
+            "invalid_path", "The request prefix is not an absolute path",
+            log_detail={"prefix": prefix},
+        )  # fmt: skip
 
 
 @_memo
