@@ -123,6 +123,7 @@ class Settings:
     jwks: Mapping[str, Any] | None = None
     jwks_uri: str | None = None
     jwks_cache_ttl: float = 300.0
+    jwks_max_stale: float = 3600.0
     jwks_refresh_interval: float = 5.0
     jwks_fetch_timeout: float = 5.0
     token_verifier: TokenVerifier | None = None
@@ -202,7 +203,10 @@ _METHOD = re.compile(r"[A-Z0-9!#$%&'*+\-.^_`|~]+")
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigurationError:
     shown = "<callable>" if callable(value) else repr(value)
-    if key in ("nonce.secret", "introspection.client_secret"):
+    if key in ("nonce.secret", "introspection.client_secret") or (
+        # A string where a dict belongs is most likely the secret itself: "nonce": SECRET.
+        key in ("nonce", "introspection") and isinstance(value, str | bytes)
+    ):
         shown = "<secret>"
     if len(shown) > 120:
         shown = shown[:117] + "..."
@@ -671,6 +675,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         jwks=jwks,
         jwks_uri=jwks_uri,
         jwks_cache_ttl=_number(raw, "jwks_cache_ttl", 300, low=1, high=86400 * 7),
+        jwks_max_stale=_number(raw, "jwks_max_stale", 3600, low=0, high=86400 * 7),
         jwks_refresh_interval=_number(raw, "jwks_refresh_interval", 5, low=1, high=86400),
         jwks_fetch_timeout=_number(raw, "jwks_fetch_timeout", 5, low=0.1, high=60),
         token_verifier=token_verifier,

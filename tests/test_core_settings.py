@@ -364,3 +364,13 @@ def test_bad_claim_rules_name_the_key(rule: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError, match=r"'required_scopes\[0\]") as info:
         build(required_scopes=[rule])
     assert "allowed" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["nonce", "introspection"])
+def test_a_secret_given_in_place_of_the_dict_is_not_echoed(key: str) -> None:
+    """Found by review: ``"nonce": SECRET`` put the secret into the ConfigurationError, which the
+    lazy start-up path logs at ERROR."""
+    secret = "s3cr3t-value-" + "x" * 32
+    with pytest.raises(ConfigurationError, match=repr(key)) as info:
+        build(**{key: secret})
+    assert secret not in str(info.value) and "<secret>" in str(info.value)

@@ -679,3 +679,33 @@ def test_odd_jkt_in_introspection_result_is_a_mismatch(clock: FrozenClock, dpop_
     resp = {"active": True, "cnf": {"jkt": "\ud800\u00e9"}}
     h = Harness({"token_verifier": lambda t: resp, "clock": clock})
     expect(h.dpop(dpop_key, "opaque", "GET", URL), "jkt_mismatch")
+
+
+def test_a_key_set_loaded_during_a_verify_never_tags_the_entry_with_its_version(
+    clock: Any, dpop_key: DPoPKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a refresh that removes key "old", landing (from another thread) while a
+    token signed by "old" is being verified, left the entry tagged with the new version, so the
+    token kept passing from the cache. The interleaving is forced by running the load inside the
+    signature check."""
+    from dpop_middleware.core import token as token_module
+
+    old, new = TokenIssuer(kid="old"), TokenIssuer(kid="new")
+    old.clock = new.clock = clock
+    h = Harness(old.settings(jwks=None, jwks_uri="https://issuer.example/jwks", clock=clock))
+    keys = h.engine.verifier.keys
+    assert keys is not None
+    keys.load(old.jwks, now=clock())
+    token = old.token(bound_to=dpop_key)
+    real = token_module.jwt.decode
+
+    def decode_while_a_refresh_lands(*args: Any, **kwargs: Any) -> Any:
+        decoded = real(*args, **kwargs)
+        keys.load(new.jwks, now=clock())
+        return decoded
+
+    monkeypatch.setattr(token_module.jwt, "decode", decode_while_a_refresh_lands)
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200  # verified with the old key
+    monkeypatch.setattr(token_module.jwt, "decode", real)
+    assert keys.find("old") is None
+    expect(h.dpop(dpop_key, token, "GET", URL), "unknown_kid")

@@ -435,3 +435,22 @@ def test_removed_kid_is_refused_within_5_minutes_by_default(
     expect(h.dpop(dpop_key, token, "GET", URL), 200, None, None)
     clock.advance(1)
     expect(h.dpop(dpop_key, token, "GET", URL), 401, "invalid_token", "unknown_kid")
+
+
+def test_a_set_not_refreshed_for_longer_than_jwks_max_stale_is_no_longer_trusted(
+    endpoint: JWKSEndpoint, issuer: TokenIssuer, dpop_key: DPoPKey, clock: FrozenClock
+) -> None:
+    """Found by review: while the JWKS endpoint failed, the last good set was used forever, a
+    key the issuer removed meanwhile included. It is kept for jwks_max_stale past the refresh
+    time (availability), then every token gets 503 until a fetch succeeds (fail closed)."""
+    h = Harness(uri_settings(issuer, clock, endpoint.url, jwks_cache_ttl=300, jwks_max_stale=600))
+    expect(call(h, issuer, dpop_key), 200, None, None)
+    endpoint.status = 500
+    clock.advance(300 + 599)
+    expect(call(h, issuer, dpop_key), 200, None, None)  # stale, still within the bound
+    clock.advance(1)
+    expect(call(h, issuer, dpop_key), 503, "temporarily_unavailable", "jwks_unavailable")
+    endpoint.status = 200
+    clock.advance(60)  # past the back-off: the next request fetches, and passes
+    expect(call(h, issuer, dpop_key), 200, None, None)
+

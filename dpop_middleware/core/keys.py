@@ -9,6 +9,7 @@ and a client sends the same key on every request.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -261,10 +262,13 @@ class IssuerKeys:
         uri: str | None,
         cache_ttl: float,
         refresh_interval: float,
+        max_stale: float = math.inf,
     ) -> None:
         self.uri = uri
         self.cache_ttl = cache_ttl
         self.refresh_interval = refresh_interval
+        #: How long past ``cache_ttl`` a set that could not be refreshed is still used.
+        self.max_stale = max_stale
         #: The usable public signing keys; None until a JWK Set was loaded.
         self.key_set: tuple[ECKey | RSAKey | OKPKey | OctKey, ...] | None = None
         self.loaded_at = float("-inf")
@@ -334,6 +338,10 @@ class IssuerKeys:
         fingerprint = tuple(
             sorted(json.dumps(key.as_dict(private=False), sort_keys=True) for key in usable)
         )
+        # The keys first, the version after: a request that reads the version and then the keys
+        # (AccessTokenChecker.check) can tag its cache entry with an older version than the
+        # keys it used (a harmless miss later), never with a newer one.
+        self.key_set = tuple(usable)
         if fingerprint != self._fingerprint:  # the same set again keeps cached tokens valid
             self._fingerprint = fingerprint
             self.version += 1
@@ -341,11 +349,15 @@ class IssuerKeys:
         elif self._for_unknown_kid:
             self.fruitless += 1
         self._for_unknown_kid = False
-        self.key_set = tuple(usable)
         self.loaded_at = now
         self.attempted_at = now
         self.failures = 0
         return self.skipped
+
+    def too_stale(self, now: float) -> bool:
+        """A fetched set that could not be refreshed for ``cache_ttl + max_stale`` seconds: its
+        keys are no longer trusted (the issuer may have removed one meanwhile)."""
+        return self.uri is not None and now - self.loaded_at >= self.cache_ttl + self.max_stale
 
     def fetch_failed(self, *, now: float) -> None:
         self.attempted_at = now

@@ -140,6 +140,7 @@ class AccessTokenChecker:
                 uri=settings.jwks_uri,
                 cache_ttl=settings.jwks_cache_ttl,
                 refresh_interval=settings.jwks_refresh_interval,
+                max_stale=settings.jwks_max_stale,
             )
         self.discovery: IssuerMetadata | None = None
         if uses_discovery(settings):
@@ -206,11 +207,12 @@ class AccessTokenChecker:
         if self.discovery is not None:
             self._use_discovered_keys(keys, now)
         assert keys is not None
+        # The version before the keys are read: a JWK Set loaded by another thread meanwhile
+        # (a removed key) must not have its version on an entry verified with the old keys.
+        version = keys.version
         claims = _frozen(self._verify_jwt(token, keys, now, scheme), scheme)
         exp, nbf = self._check_times(claims, now, scheme, required=True)
-        entry = VerifiedToken(
-            name, token, claims, exp, nbf, _bound(claims, scheme), ath, keys.version
-        )
+        entry = VerifiedToken(name, token, claims, exp, nbf, _bound(claims, scheme), ath, version)
         if len(authorization) == len(name) + 1 + len(token):
             # Only the form clients send (one space): otherwise one token in a few thousand
             # spacings could fill the cache and push out everyone else's entries. Other forms
@@ -249,6 +251,14 @@ class AccessTokenChecker:
         key_set = keys.key_set
         if key_set is None:
             raise ServiceUnavailableError("jwks_unavailable", "Signing keys are not available")
+        if keys.too_stale(now):
+            # The endpoint has failed for longer than jwks_max_stale past the refresh time: a
+            # key removed meanwhile would still verify. Refuse rather than trust it (fail closed).
+            raise ServiceUnavailableError(
+                "jwks_unavailable",
+                "Signing keys are not available",
+                log_detail={"cause": f"JWK Set not refreshed for {now - keys.loaded_at:.0f} s"},
+            )
         if kid is None:
             if len(key_set) != 1:
                 raise _invalid("kid_missing", "The access token has no kid", scheme)
