@@ -359,7 +359,13 @@ def test_sync_store_keeps_one_connection_per_thread(private_redis: RedisServer) 
         for _ in range(20):
             assert store.add(os.urandom(32), 10) is True
         assert _set_connections(private_redis.url) == 1
-        threads = [threading.Thread(target=lambda: store.add(os.urandom(32), 10)) for _ in range(3)]
+        alive = threading.Barrier(3)  # three threads alive at once: three more connections
+
+        def add_and_wait() -> None:
+            store.add(os.urandom(32), 10)
+            alive.wait(5)
+
+        threads = [threading.Thread(target=add_and_wait) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
@@ -486,3 +492,88 @@ def test_sync_store_refuses_when_redis_drops_the_connection(private_redis: Redis
         assert store.add(os.urandom(32), 10) is True  # a fresh connection
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# a thread's pinned connection goes back to the pool when the thread ends (review item 1)
+
+
+def _pool_counts(store: RedisReplayStore) -> tuple[int, int]:
+    pool: Any = store._current().connection_pool
+    return len(pool._in_use_connections), len(pool._available_connections)
+
+
+def test_sync_store_short_lived_threads_do_not_use_up_the_pool(
+    private_redis: RedisServer,
+) -> None:
+    """A thread per request (werkzeug's threaded server, Django's runserver): 300 threads one
+    after another, one add each, all pass; the pool (100 connections) never fills."""
+    import gc
+    import threading
+
+    store = sync_store({"url": private_redis.url, "key_prefix": "threads:"})
+    answers: list[bool | str] = []
+
+    def one() -> None:
+        try:
+            answers.append(store.add(os.urandom(32), 10))
+        except ReplayStoreError as exc:
+            answers.append(str(exc))
+
+    try:
+        for _ in range(300):
+            thread = threading.Thread(target=one)
+            thread.start()
+            thread.join()
+        gc.collect()
+        assert answers == [True] * 300
+        in_use, available = _pool_counts(store)
+        assert in_use == 0
+        assert available <= 2  # ended threads hand their connection on
+        assert _set_connections(private_redis.url) <= 2
+    finally:
+        store.close()
+
+
+def test_werkzeug_threaded_server_with_a_connection_per_request(
+    private_redis: RedisServer,
+    issuer: Any,
+    dpop_key: Any,
+    make_settings: Any,
+    key_prefix: str,
+) -> None:
+    """A real werkzeug threaded server, a new HTTP connection (so a new thread) per request:
+    the 101st and later requests pass as the first ones do."""
+    import http.client
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from dpop_middleware import DPoPWSGIMiddleware
+
+    def ok(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    settings = make_settings(
+        replay_store={"url": private_redis.url, "key_prefix": key_prefix},
+        public_url="https://api.example",
+    )
+    app = DPoPWSGIMiddleware(ok, settings)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    token = issuer.token(bound_to=dpop_key)
+    statuses = []
+    try:
+        for _ in range(130):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=5)
+            proof = dpop_key.proof("GET", "https://api.example/items", access_token=token)
+            conn.request("GET", "/items", headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+            statuses.append(conn.getresponse().status)
+            conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.store.close()
+    assert statuses == [200] * 130

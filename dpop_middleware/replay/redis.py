@@ -35,6 +35,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -604,6 +605,36 @@ class _Health:
                 self._unlogged = 0
 
 
+class _Pin:
+    """A thread's pinned pool connection, handed back to its pool when the thread ends.
+
+    Only the thread's ``threading.local`` refers to it, so it is collected as the thread ends
+    and :func:`weakref.finalize` then releases the connection (still open, for the next thread
+    to reuse). Never in another process: after a fork the parent's pool is not touched (its
+    lock may have been held by a thread that does not exist here).
+    """
+
+    __slots__ = ("__weakref__", "_conn", "_release")
+
+    def __init__(self, pool: Any, conn: Any) -> None:
+        self._conn = conn
+        self._release = weakref.finalize(self, _release_pinned, pool, conn, os.getpid())
+        self._release.atexit = False
+
+    def release(self, *, disconnect: bool) -> None:
+        """Hand the connection back now (closed first when ``disconnect``)."""
+        if disconnect and self._release.alive:
+            with contextlib.suppress(Exception):
+                self._conn.disconnect()
+        self._release()
+
+
+def _release_pinned(pool: Any, conn: Any, pid: int) -> None:
+    if os.getpid() == pid:
+        with contextlib.suppress(Exception):  # a closed pool, or one the thread's client left
+            pool.release(conn)
+
+
 class RedisReplayStore:
     """Sync Redis store (for WSGI). Thread-safe; one client per process.
 
@@ -725,23 +756,27 @@ class RedisReplayStore:
         one command and its one-line reply then go over that connection's socket directly
         (:func:`_set_nx_on`). On any error the connection is disconnected and handed back, and
         the next call takes a fresh one.
+
+        The connection goes back to the pool when the thread ends (:class:`_Pin`): a
+        thread-per-connection server (werkzeug's threaded server, Django's runserver) starts a
+        thread per client, and a connection kept past its thread would fill the pool for good.
         """
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is None or local.client is not client:
-            if conn is not None:  # a connection of a client replaced after a change of master
-                with contextlib.suppress(Exception):
-                    conn.disconnect()
+            pin = getattr(local, "pin", None)
+            if pin is not None:  # a connection of a client replaced after a change of master
+                local.pin = None
+                pin.release(disconnect=True)
             conn = client.connection_pool.get_connection()
+            local.pin = _Pin(client.connection_pool, conn)
             local.conn, local.client = conn, client
         try:
             return _set_nx_on(conn, rkey, px)
         except BaseException:
             local.conn = None
-            try:
-                conn.disconnect()
-            finally:
-                client.connection_pool.release(conn)
+            pin, local.pin = local.pin, None
+            pin.release(disconnect=True)
             raise
 
     def close(self) -> None:
