@@ -795,6 +795,12 @@ class RedisReplayStore:
 _MAX_BATCH = 256
 
 
+def _fail(entries: Sequence[tuple[bytes, int, asyncio.Future[Any]]], exc: BaseException) -> None:
+    for _, _, future in entries:
+        if not future.done():
+            future.set_exception(exc)
+
+
 class _Coalescer:
     """Coalesces concurrent ``SET NX`` calls into one pipelined round trip (async store).
 
@@ -824,10 +830,14 @@ class _Coalescer:
         return future
 
     async def _drain(self) -> None:
+        batch: list[tuple[bytes, int, asyncio.Future[Any]]] = []
         try:
             while self._queue:
-                batch = self._queue[:_MAX_BATCH]
-                del self._queue[:_MAX_BATCH]
+                # Requests that gave up (their own deadline passed) are not sent.
+                live = [entry for entry in self._queue if not entry[2].done()]
+                batch, self._queue = live[:_MAX_BATCH], live[_MAX_BATCH:]
+                if not batch:
+                    continue
                 try:
                     try:
                         async with asyncio.timeout(self._timeout):
@@ -839,20 +849,24 @@ class _Coalescer:
                             f"no reply from Redis within {self._timeout:g} s"
                         ) from exc
                 except Exception as exc:  # handed to every waiting request; add() maps it
+                    _fail(batch, exc)
                     await self._drop()
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
                 else:
                     for (_, _, future), reply in zip(batch, replies, strict=True):
                         if not future.done():
                             future.set_result(reply)
+                batch = []
         finally:
+            # Only here if this task was cancelled (aclose(): the store closes, or the master
+            # changed): the batch in flight and those queued are refused, never left waiting.
+            # A CancelledError is not an Exception, so it is not what the requests are given.
             self._task = None
-            for _, _, future in self._queue:  # only left here if this task was cancelled
-                if not future.done():
-                    future.set_exception(ConnectionError("replay store shut down"))
-            self._queue.clear()
+            closed = redis.exceptions.ConnectionError(
+                "replay store connection closed (store closed or Redis master changed)"
+            )
+            _fail(batch, closed)
+            _fail(self._queue, closed)
+            self._queue = []
 
     async def _round_trip(self, batch: list[tuple[bytes, int, asyncio.Future[Any]]]) -> list[Any]:
         conn = self._conn
