@@ -420,3 +420,70 @@ def test_async_in_flight_adds_are_refused_when_the_store_closes(hung_redis: Hung
 
     results = asyncio.run(scenario())
     assert all(isinstance(r, ReplayStoreError) for r in results), results
+
+
+def test_async_timeout_is_a_deadline_per_request(hung_redis: HungRedis) -> None:
+    """2,000 concurrent adds against a hung Redis (8 batches of 256): every one is refused
+    within about ``timeout`` of its own start, not after the batches queued before it."""
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay import create_async_store, validate_replay_store_setting
+
+    timeout = 0.5
+    store = create_async_store(
+        validate_replay_store_setting({"url": hung_redis.url, "timeout": timeout})
+    )
+
+    async def one() -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(store.add(os.urandom(32), 60), 10)
+        except ReplayStoreError as exc:
+            return str(exc), time.monotonic() - started
+        except TimeoutError:
+            return "hung", time.monotonic() - started
+        return "accepted", time.monotonic() - started
+
+    async def scenario() -> list[tuple[str, float]]:
+        try:
+            return await asyncio.gather(*(one() for _ in range(2000)))
+        finally:
+            await store.aclose()  # type: ignore[attr-defined]
+
+    results = asyncio.run(scenario())
+    assert {message for message, _ in results} == {
+        f"redis SET NX failed ({hung_redis.url}): TimeoutError: no reply from Redis within 0.5 s"
+    }
+    assert max(elapsed for _, elapsed in results) < 2 * timeout  # was 4.0 s: (N/256 + 1) x 0.5
+
+
+def test_async_store_refuses_at_once_when_redis_is_overdue_and_the_queue_is_full(
+    hung_redis: HungRedis,
+) -> None:
+    """Redis has not answered for over half the timeout and a full batch is queued: a new
+    request is refused at once instead of queueing behind a deadline it cannot meet."""
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay import create_async_store, validate_replay_store_setting
+
+    store = create_async_store(
+        validate_replay_store_setting({"url": hung_redis.url, "timeout": 2.0})
+    )
+
+    async def scenario() -> tuple[str, float]:
+        waiting = [asyncio.ensure_future(store.add(os.urandom(32), 60)) for _ in range(600)]
+        await asyncio.sleep(1.2)  # the first batch is open for 1.2 s; 344 requests queued
+        started = time.monotonic()
+        try:
+            await store.add(os.urandom(32), 60)
+        except ReplayStoreError as exc:
+            message = str(exc)
+        else:
+            message = "accepted"
+        elapsed = time.monotonic() - started
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await store.aclose()  # type: ignore[attr-defined]
+        return message, elapsed
+
+    message, elapsed = asyncio.run(scenario())
+    assert "TimeoutError: Redis has not answered for 1." in message
+    assert message.endswith(" s and 344 requests are queued")
+    assert elapsed < 0.2

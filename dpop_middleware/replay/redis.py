@@ -26,6 +26,7 @@ This is the only module that imports ``redis``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import difflib
 import functools
@@ -820,14 +821,54 @@ class _Coalescer:
         self._queue: list[tuple[bytes, int, asyncio.Future[Any]]] = []
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._sent_at: float | None = None  # loop time the open round trip was sent, if any
+        self._deadlines: collections.deque[tuple[float, asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self._timer: asyncio.TimerHandle | None = None
 
-    def set_nx(self, rkey: bytes, px: int) -> asyncio.Future[Any]:
+    def set_nx(self, rkey: bytes, px: int, deadline: float) -> asyncio.Future[Any]:
+        """A future for the reply to ``SET rkey 1 NX PX px``; it fails with RedisTimeoutError
+        at ``deadline`` (loop time), the request's own, however many batches wait before it."""
         loop = asyncio.get_running_loop()
+        sent = self._sent_at
+        if sent is not None and len(self._queue) >= _MAX_BATCH:
+            overdue = loop.time() - sent
+            if overdue > self._timeout / 2:
+                # Redis is hung or far behind: a round trip has been open for half the
+                # deadline and a full batch already waits behind it. Refuse now rather than
+                # queue for a deadline that cannot be met (the queue would grow with the load).
+                raise RedisTimeoutError(
+                    f"Redis has not answered for {overdue:.2f} s and {len(self._queue)} "
+                    "requests are queued"
+                )
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((rkey, px, future))
         if self._task is None:
             self._task = loop.create_task(self._drain())
+        # One timer for all: requests share one timeout, so deadlines come in queue order and
+        # only the earliest needs a timer (a timer per request costs more than the SET itself).
+        deadlines = self._deadlines
+        if deadlines and deadline < deadlines[-1][0]:
+            deadline = deadlines[-1][0]  # only a first call that waited for the failover watch
+        deadlines.append((deadline, future))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
         return future
+
+    def _expire(self) -> None:
+        """Fail the requests whose deadline has passed; set the timer for the next one."""
+        self._timer = None
+        deadlines = self._deadlines
+        now = asyncio.get_running_loop().time()
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done()):
+            _, future = deadlines.popleft()
+            if not future.done():  # left in the queue, or in a batch still in flight
+                future.set_exception(
+                    RedisTimeoutError(f"no reply from Redis within {self._timeout:g} s")
+                )
+        if deadlines:
+            self._timer = asyncio.get_running_loop().call_at(deadlines[0][0], self._expire)
 
     async def _drain(self) -> None:
         batch: list[tuple[bytes, int, asyncio.Future[Any]]] = []
@@ -856,6 +897,9 @@ class _Coalescer:
                         if not future.done():
                             future.set_result(reply)
                 batch = []
+                deadlines = self._deadlines
+                while deadlines and deadlines[0][1].done():  # answered: no deadline to keep
+                    deadlines.popleft()
         finally:
             # Only here if this task was cancelled (aclose(): the store closes, or the master
             # changed): the batch in flight and those queued are refused, never left waiting.
@@ -869,13 +913,17 @@ class _Coalescer:
             self._queue = []
 
     async def _round_trip(self, batch: list[tuple[bytes, int, asyncio.Future[Any]]]) -> list[Any]:
-        conn = self._conn
-        if conn is None:
-            pool = self._client.connection_pool
-            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        commands = [("SET", rkey, b"1", "NX", "PX", px) for rkey, px, _ in batch]
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        return [await conn.read_response() for _ in batch]
+        self._sent_at = asyncio.get_running_loop().time()
+        try:
+            conn = self._conn
+            if conn is None:  # connecting is part of the round trip (and may hang as well)
+                pool = self._client.connection_pool
+                conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            commands = [("SET", rkey, b"1", "NX", "PX", px) for rkey, px, _ in batch]
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            return [await conn.read_response() for _ in batch]
+        finally:
+            self._sent_at = None
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -888,7 +936,10 @@ class _Coalescer:
     async def aclose(self) -> None:
         task = self._task
         if task is not None:
-            task.cancel()
+            task.cancel()  # the drain refuses what it had (see its ``finally``)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         await self._drop()
 
 
@@ -998,8 +1049,13 @@ class AsyncRedisReplayStore:
         return self._prefix + key.hex().encode("ascii")
 
     async def add(self, key: bytes, ttl: float) -> bool:
-        """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use)."""
+        """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use).
+
+        A store built from settings answers within ``timeout`` of the call (a store error
+        after that), however many requests wait before this one.
+        """
         try:
+            deadline = asyncio.get_running_loop().time() + self._timeout
             watch = self._watch
             if watch is not None:
                 # The first use in a process starts the watch and waits for it: in a thread.
@@ -1009,7 +1065,7 @@ class AsyncRedisReplayStore:
             client = self._current()
             coalescer = self._coalescer
             if coalescer is not None and self._connect is not None:
-                reply = await coalescer.set_nx(self.redis_key(key), px_for(ttl))
+                reply = await coalescer.set_nx(self.redis_key(key), px_for(ttl), deadline)
             else:
                 reply = await client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl))
         except Exception as exc:  # any failure of the client is a store failure: fail closed
