@@ -451,6 +451,20 @@ class FailoverRefusal(Exception):
     """Writes are refused while a Sentinel failover is under way (see :mod:`.failover`)."""
 
 
+def _wrong_master(conn: Any, watch: FailoverWatch) -> str | None:
+    """Why ``conn`` (a Sentinel-managed connection, connected) must not be written to: it is
+    not connected to the master the watch announced. redis-py asks whichever Sentinel answers
+    first; one that has not seen the switch yet names the old master."""
+    want = watch.address
+    have = (getattr(conn, "host", None), getattr(conn, "port", None))
+    if want is None or have == want:
+        return None
+    return (
+        f"connected to {have[0]}:{have[1]}, but Sentinel announced the master at "
+        f"{want[0]}:{want[1]}"
+    )
+
+
 def _close_sync(client: SyncClient | None, extras: Sequence[redis.Redis]) -> None:
     for each in (client, *extras):
         if each is not None:
@@ -770,7 +784,13 @@ class RedisReplayStore:
                 local.pin = None
                 pin.release(disconnect=True)
             conn = client.connection_pool.get_connection()
-            local.pin = _Pin(client.connection_pool, conn)
+            local.pin = pin = _Pin(client.connection_pool, conn)
+            if self._watch is not None:
+                why = _wrong_master(conn, self._watch)
+                if why is not None:  # dropped: the next call asks Sentinel again
+                    local.pin = None
+                    pin.release(disconnect=True)
+                    raise FailoverRefusal(why)
             local.conn, local.client = conn, client
         try:
             return _set_nx_on(conn, rkey, px)
@@ -815,9 +835,12 @@ class _Coalescer:
     the connection; the next batch opens a new one.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, timeout: float) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, timeout: float, watch: FailoverWatch | None = None
+    ) -> None:
         self._client = client
         self._timeout = timeout
+        self._watch = watch  # with Sentinel: a new connection must reach the announced master
         self._queue: list[tuple[bytes, int, asyncio.Future[Any]]] = []
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -919,6 +942,10 @@ class _Coalescer:
             if conn is None:  # connecting is part of the round trip (and may hang as well)
                 pool = self._client.connection_pool
                 conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                if self._watch is not None:
+                    why = _wrong_master(conn, self._watch)
+                    if why is not None:  # the batch is refused and the connection dropped
+                        raise FailoverRefusal(why)
             commands = [("SET", rkey, b"1", "NX", "PX", px) for rkey, px, _ in batch]
             await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             return [await conn.read_response() for _ in batch]
@@ -1023,7 +1050,7 @@ class AsyncRedisReplayStore:
             self._coalescer = (
                 None
                 if isinstance(client, redis.asyncio.cluster.RedisCluster)
-                else _Coalescer(client, self._timeout)
+                else _Coalescer(client, self._timeout, watch)
             )
         return client
 
