@@ -8,9 +8,11 @@ port. ASGI with the async store, WSGI with the sync store: the same script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -286,3 +288,202 @@ def test_a_flapping_store_logs_a_handful_of_lines(
         admin.config_set("min-replicas-to-write", 0)
         admin.close()
         store.close()
+
+
+# -- the async store never leaves a request waiting without a deadline (review items 2, 3) -------
+
+
+class HungRedis:
+    """A plain TCP listener that accepts connections and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self._sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self._sock.settimeout(0.1)
+        self.port: int = self._sock.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+
+@pytest.fixture
+def hung_redis() -> Iterator[HungRedis]:
+    server = HungRedis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+class _SwitchingWatch:
+    """Stands for :class:`FailoverWatch` (no Sentinel needed): no failover under way, and
+    ``epoch`` bumped by the test as ``FailoverWatch`` does on ``+switch-master``."""
+
+    epoch = 0
+    starting = False
+
+    def refusal(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_async_in_flight_adds_are_refused_when_the_master_changes(hung_redis: HungRedis) -> None:
+    """A batch in flight when the store retires its client (a change of master) is refused at
+    once with a store error (a 503), not left waiting forever."""
+
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay.redis import (
+        AsyncRedisReplayStore,
+        _async_connect,
+        validate_redis_options,
+    )
+
+    options = validate_redis_options({"url": hung_redis.url, "timeout": 2.0})
+    watch = _SwitchingWatch()
+    store = AsyncRedisReplayStore(
+        connect=_async_connect(options),
+        timeout=2.0,
+        watch=watch,  # type: ignore[arg-type]
+        where="hung",
+    )
+
+    async def one() -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(store.add(os.urandom(32), 60), 5)
+        except ReplayStoreError as exc:
+            return str(exc), time.monotonic() - started
+        except TimeoutError:
+            return "hung", time.monotonic() - started
+        return "accepted", time.monotonic() - started
+
+    async def scenario() -> list[tuple[str, float]]:
+        in_flight = [asyncio.create_task(one()) for _ in range(3)]
+        await asyncio.sleep(0.2)  # the batch is sent and waits for a reply
+        watch.epoch = 1  # a new master
+        after = asyncio.create_task(one())  # retires the old client
+        results = await asyncio.gather(*in_flight)
+        after.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await after
+        await store.aclose()
+        return results
+
+    results = asyncio.run(scenario())
+    for message, elapsed in results:
+        assert message.startswith("redis SET NX failed (hung): ConnectionError: replay store ")
+        assert "master changed" in message
+        assert elapsed < 1.5  # refused by the switch, well before the 2 s timeout
+
+
+def test_async_in_flight_adds_are_refused_when_the_store_closes(hung_redis: HungRedis) -> None:
+
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay import create_async_store, validate_replay_store_setting
+
+    store = create_async_store(
+        validate_replay_store_setting({"url": hung_redis.url, "timeout": 2.0})
+    )
+
+    async def scenario() -> list[BaseException | bool]:
+        adds = [asyncio.create_task(store.add(os.urandom(32), 60)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        await store.aclose()  # type: ignore[attr-defined]
+        done, pending = await asyncio.wait(adds, timeout=1.0)
+        for task in pending:
+            task.cancel()
+        return [t.exception() or t.result() if t in done else False for t in adds]
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, ReplayStoreError) for r in results), results
+
+
+def test_async_timeout_is_a_deadline_per_request(hung_redis: HungRedis) -> None:
+    """2,000 concurrent adds against a hung Redis (8 batches of 256): every one is refused
+    within about ``timeout`` of its own start, not after the batches queued before it."""
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay import create_async_store, validate_replay_store_setting
+
+    timeout = 0.5
+    store = create_async_store(
+        validate_replay_store_setting({"url": hung_redis.url, "timeout": timeout})
+    )
+
+    async def one() -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(store.add(os.urandom(32), 60), 10)
+        except ReplayStoreError as exc:
+            return str(exc), time.monotonic() - started
+        except TimeoutError:
+            return "hung", time.monotonic() - started
+        return "accepted", time.monotonic() - started
+
+    async def scenario() -> list[tuple[str, float]]:
+        try:
+            return await asyncio.gather(*(one() for _ in range(2000)))
+        finally:
+            await store.aclose()  # type: ignore[attr-defined]
+
+    results = asyncio.run(scenario())
+    assert {message for message, _ in results} == {
+        f"redis SET NX failed ({hung_redis.url}): TimeoutError: no reply from Redis within 0.5 s"
+    }
+    assert max(elapsed for _, elapsed in results) < 2 * timeout  # was 4.0 s: (N/256 + 1) x 0.5
+
+
+def test_async_store_refuses_at_once_when_redis_is_overdue_and_the_queue_is_full(
+    hung_redis: HungRedis,
+) -> None:
+    """Redis has not answered for over half the timeout and a full batch is queued: a new
+    request is refused at once instead of queueing behind a deadline it cannot meet."""
+    from dpop_middleware.errors import ReplayStoreError
+    from dpop_middleware.replay import create_async_store, validate_replay_store_setting
+
+    store = create_async_store(
+        validate_replay_store_setting({"url": hung_redis.url, "timeout": 2.0})
+    )
+
+    async def scenario() -> tuple[str, float]:
+        waiting = [asyncio.ensure_future(store.add(os.urandom(32), 60)) for _ in range(600)]
+        await asyncio.sleep(1.2)  # the first batch is open for 1.2 s; 344 requests queued
+        started = time.monotonic()
+        try:
+            await store.add(os.urandom(32), 60)
+        except ReplayStoreError as exc:
+            message = str(exc)
+        else:
+            message = "accepted"
+        elapsed = time.monotonic() - started
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await store.aclose()  # type: ignore[attr-defined]
+        return message, elapsed
+
+    message, elapsed = asyncio.run(scenario())
+    assert "TimeoutError: Redis has not answered for 1." in message
+    assert message.endswith(" s and 344 requests are queued")
+    assert elapsed < 0.2

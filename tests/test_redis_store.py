@@ -359,7 +359,13 @@ def test_sync_store_keeps_one_connection_per_thread(private_redis: RedisServer) 
         for _ in range(20):
             assert store.add(os.urandom(32), 10) is True
         assert _set_connections(private_redis.url) == 1
-        threads = [threading.Thread(target=lambda: store.add(os.urandom(32), 10)) for _ in range(3)]
+        alive = threading.Barrier(3)  # three threads alive at once: three more connections
+
+        def add_and_wait() -> None:
+            store.add(os.urandom(32), 10)
+            alive.wait(5)
+
+        threads = [threading.Thread(target=add_and_wait) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
@@ -486,3 +492,206 @@ def test_sync_store_refuses_when_redis_drops_the_connection(private_redis: Redis
         assert store.add(os.urandom(32), 10) is True  # a fresh connection
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# a thread's pinned connection goes back to the pool when the thread ends (review item 1)
+
+
+def _pool_counts(store: RedisReplayStore) -> tuple[int, int]:
+    pool: Any = store._current().connection_pool
+    return len(pool._in_use_connections), len(pool._available_connections)
+
+
+def test_sync_store_short_lived_threads_do_not_use_up_the_pool(
+    private_redis: RedisServer,
+) -> None:
+    """A thread per request (werkzeug's threaded server, Django's runserver): 300 threads one
+    after another, one add each, all pass; the pool (100 connections) never fills."""
+    import gc
+    import threading
+
+    store = sync_store({"url": private_redis.url, "key_prefix": "threads:"})
+    answers: list[bool | str] = []
+
+    def one() -> None:
+        try:
+            answers.append(store.add(os.urandom(32), 10))
+        except ReplayStoreError as exc:
+            answers.append(str(exc))
+
+    try:
+        for _ in range(300):
+            thread = threading.Thread(target=one)
+            thread.start()
+            thread.join()
+        gc.collect()
+        assert answers == [True] * 300
+        in_use, available = _pool_counts(store)
+        assert in_use == 0
+        assert available <= 2  # ended threads hand their connection on
+        assert _set_connections(private_redis.url) <= 2
+    finally:
+        store.close()
+
+
+def test_werkzeug_threaded_server_with_a_connection_per_request(
+    private_redis: RedisServer,
+    issuer: Any,
+    dpop_key: Any,
+    make_settings: Any,
+    key_prefix: str,
+) -> None:
+    """A real werkzeug threaded server, a new HTTP connection (so a new thread) per request:
+    the 101st and later requests pass as the first ones do."""
+    import http.client
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from dpop_middleware import DPoPWSGIMiddleware
+
+    def ok(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    settings = make_settings(
+        replay_store={"url": private_redis.url, "key_prefix": key_prefix},
+        public_url="https://api.example",
+    )
+    app = DPoPWSGIMiddleware(ok, settings)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    token = issuer.token(bound_to=dpop_key)
+    statuses = []
+    try:
+        for _ in range(130):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=5)
+            proof = dpop_key.proof("GET", "https://api.example/items", access_token=token)
+            conn.request("GET", "/items", headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+            statuses.append(conn.getresponse().status)
+            conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.store.close()
+    assert statuses == [200] * 130
+
+
+# --------------------------------------------------------------------------------------------
+# a Sentinel that names another master than the watch announced (review item 4)
+
+
+@pytest.fixture
+def stale_sentinel(redis_sentinel: SentinelSetup) -> Iterator[tuple[RedisServer, int]]:
+    """A second Sentinel that names another server as ``redis_sentinel``'s service: what a
+    Sentinel that has not yet seen a switch does (it still names the old master, which takes
+    writes in a planned failover until it is reconfigured)."""
+    import subprocess
+
+    from redis_fixtures import _answers
+
+    old = RedisServer().start()
+    port = free_port()
+    config = old.dir / "sentinel.conf"
+    config.write_text(
+        f"bind 127.0.0.1\nport {port}\ndir {old.dir}\n"
+        f"sentinel monitor {redis_sentinel.service} 127.0.0.1 {old.port} 1\n"
+    )
+    process = subprocess.Popen(
+        [old.binary, str(config), "--sentinel", "--logfile", str(old.dir / "sentinel.log")],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _answers(f"redis://127.0.0.1:{port}", timeout=0.2):
+            assert process.poll() is None and time.monotonic() < deadline, "no Sentinel"
+            time.sleep(0.02)
+        yield old, port
+    finally:
+        process.terminate()
+        process.wait(5)
+        old.cleanup()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_sentinel_store_refuses_a_master_the_watch_did_not_announce(
+    redis_sentinel: SentinelSetup,
+    stale_sentinel: tuple[RedisServer, int],
+    key_prefix: str,
+    flavour: str,
+) -> None:
+    """The store looks the master up through the stale Sentinel (listed first), the watch
+    follows the one that knows: every write is refused (503) and none reaches the other
+    server; once the stale Sentinel is gone, the store reconnects to the right master."""
+    from dpop_middleware.replay.redis import _async_connect, _failover_watch, _sync_connect
+
+    old, stale_port = stale_sentinel
+    options = validate_replay_store_setting(
+        {
+            "url": f"redis://{redis_sentinel.service}/0",
+            "sentinels": [f"127.0.0.1:{stale_port}", *redis_sentinel.sentinels],
+            "key_prefix": key_prefix,
+        }
+    ).options
+    watched = {**options, "sentinels": tuple((h, p) for h, p in options["sentinels"][1:])}
+    watch = _failover_watch(watched)
+    assert watch is not None
+    keys = [os.urandom(32) for _ in range(3)]
+    wrong = "connected to 127.0.0.1:%d, but Sentinel announced the master at 127.0.0.1:%d"
+    refusal = wrong % (old.port, redis_sentinel.master.port)
+
+    if flavour == "sync":
+        store = RedisReplayStore(
+            connect=_sync_connect(options), watch=watch, where="s", key_prefix=key_prefix
+        )
+        try:
+            for key in keys[:2]:
+                with pytest.raises(ReplayStoreError) as refused:
+                    store.add(key, 30)
+                assert str(refused.value) == f"redis SET NX failed (s): FailoverRefusal: {refusal}"
+            stale_sentinel_stopper(stale_port)()
+            assert store.add(keys[2], 30) is True
+        finally:
+            store.close()
+    else:
+        astore = AsyncRedisReplayStore(
+            connect=_async_connect(options),
+            watch=watch,
+            where="s",
+            timeout=0.5,
+            key_prefix=key_prefix,
+        )
+
+        async def run() -> None:
+            try:
+                for key in keys[:2]:
+                    with pytest.raises(ReplayStoreError) as refused:
+                        await astore.add(key, 30)
+                    assert str(refused.value) == (
+                        f"redis SET NX failed (s): FailoverRefusal: {refusal}"
+                    )
+                stale_sentinel_stopper(stale_port)()
+                assert await astore.add(keys[2], 30) is True
+            finally:
+                await astore.aclose()
+
+        asyncio.run(run())
+
+    with (
+        redis.Redis(port=old.port) as other,
+        redis.Redis(port=redis_sentinel.master.port) as master,
+    ):
+        assert other.dbsize() == 0  # nothing written to the master the watch did not announce
+        assert master.exists(*(f"{key_prefix}{k.hex()}" for k in keys)) == 1
+
+
+def stale_sentinel_stopper(port: int) -> Any:
+    """Make the stale Sentinel forget the service (as it would once it sees the switch)."""
+
+    def stop() -> None:
+        with redis.Redis(port=port) as sentinel:
+            sentinel.execute_command("SENTINEL", "REMOVE", "dpopmaster")
+
+    return stop

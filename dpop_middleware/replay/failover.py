@@ -106,6 +106,15 @@ class FailoverWatch:
             not self._ready.is_set() and time.monotonic() < self._start_deadline
         )
 
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The master's ``(host, port)`` as the watched Sentinels announced it (None before the
+        first answer). A connection to any other address must not be written to: a Sentinel
+        that has not yet seen a switch may still name the old master when the store
+        reconnects, and in a planned failover the old master accepts writes until
+        reconfigured."""
+        return self._address
+
     def refusal(self) -> str | None:
         """Why writes must be refused now, or None. Starts the watch in a new process; for
         ``timeout`` after that, waits for a first subscription."""

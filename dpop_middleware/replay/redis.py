@@ -26,6 +26,7 @@ This is the only module that imports ``redis``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import difflib
 import functools
@@ -35,6 +36,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -449,6 +451,20 @@ class FailoverRefusal(Exception):
     """Writes are refused while a Sentinel failover is under way (see :mod:`.failover`)."""
 
 
+def _wrong_master(conn: Any, watch: FailoverWatch) -> str | None:
+    """Why ``conn`` (a Sentinel-managed connection, connected) must not be written to: it is
+    not connected to the master the watch announced. redis-py asks whichever Sentinel answers
+    first; one that has not seen the switch yet names the old master."""
+    want = watch.address
+    have = (getattr(conn, "host", None), getattr(conn, "port", None))
+    if want is None or have == want:
+        return None
+    return (
+        f"connected to {have[0]}:{have[1]}, but Sentinel announced the master at "
+        f"{want[0]}:{want[1]}"
+    )
+
+
 def _close_sync(client: SyncClient | None, extras: Sequence[redis.Redis]) -> None:
     for each in (client, *extras):
         if each is not None:
@@ -604,6 +620,36 @@ class _Health:
                 self._unlogged = 0
 
 
+class _Pin:
+    """A thread's pinned pool connection, handed back to its pool when the thread ends.
+
+    Only the thread's ``threading.local`` refers to it, so it is collected as the thread ends
+    and :func:`weakref.finalize` then releases the connection (still open, for the next thread
+    to reuse). Never in another process: after a fork the parent's pool is not touched (its
+    lock may have been held by a thread that does not exist here).
+    """
+
+    __slots__ = ("__weakref__", "_conn", "_release")
+
+    def __init__(self, pool: Any, conn: Any) -> None:
+        self._conn = conn
+        self._release = weakref.finalize(self, _release_pinned, pool, conn, os.getpid())
+        self._release.atexit = False
+
+    def release(self, *, disconnect: bool) -> None:
+        """Hand the connection back now (closed first when ``disconnect``)."""
+        if disconnect and self._release.alive:
+            with contextlib.suppress(Exception):
+                self._conn.disconnect()
+        self._release()
+
+
+def _release_pinned(pool: Any, conn: Any, pid: int) -> None:
+    if os.getpid() == pid:
+        with contextlib.suppress(Exception):  # a closed pool, or one the thread's client left
+            pool.release(conn)
+
+
 class RedisReplayStore:
     """Sync Redis store (for WSGI). Thread-safe; one client per process.
 
@@ -725,23 +771,33 @@ class RedisReplayStore:
         one command and its one-line reply then go over that connection's socket directly
         (:func:`_set_nx_on`). On any error the connection is disconnected and handed back, and
         the next call takes a fresh one.
+
+        The connection goes back to the pool when the thread ends (:class:`_Pin`): a
+        thread-per-connection server (werkzeug's threaded server, Django's runserver) starts a
+        thread per client, and a connection kept past its thread would fill the pool for good.
         """
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is None or local.client is not client:
-            if conn is not None:  # a connection of a client replaced after a change of master
-                with contextlib.suppress(Exception):
-                    conn.disconnect()
+            pin = getattr(local, "pin", None)
+            if pin is not None:  # a connection of a client replaced after a change of master
+                local.pin = None
+                pin.release(disconnect=True)
             conn = client.connection_pool.get_connection()
+            local.pin = pin = _Pin(client.connection_pool, conn)
+            if self._watch is not None:
+                why = _wrong_master(conn, self._watch)
+                if why is not None:  # dropped: the next call asks Sentinel again
+                    local.pin = None
+                    pin.release(disconnect=True)
+                    raise FailoverRefusal(why)
             local.conn, local.client = conn, client
         try:
             return _set_nx_on(conn, rkey, px)
         except BaseException:
             local.conn = None
-            try:
-                conn.disconnect()
-            finally:
-                client.connection_pool.release(conn)
+            pin, local.pin = local.pin, None
+            pin.release(disconnect=True)
             raise
 
     def close(self) -> None:
@@ -760,6 +816,12 @@ class RedisReplayStore:
 _MAX_BATCH = 256
 
 
+def _fail(entries: Sequence[tuple[bytes, int, asyncio.Future[Any]]], exc: BaseException) -> None:
+    for _, _, future in entries:
+        if not future.done():
+            future.set_exception(exc)
+
+
 class _Coalescer:
     """Coalesces concurrent ``SET NX`` calls into one pipelined round trip (async store).
 
@@ -773,26 +835,73 @@ class _Coalescer:
     the connection; the next batch opens a new one.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, timeout: float) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, timeout: float, watch: FailoverWatch | None = None
+    ) -> None:
         self._client = client
         self._timeout = timeout
+        self._watch = watch  # with Sentinel: a new connection must reach the announced master
         self._queue: list[tuple[bytes, int, asyncio.Future[Any]]] = []
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._sent_at: float | None = None  # loop time the open round trip was sent, if any
+        self._deadlines: collections.deque[tuple[float, asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self._timer: asyncio.TimerHandle | None = None
 
-    def set_nx(self, rkey: bytes, px: int) -> asyncio.Future[Any]:
+    def set_nx(self, rkey: bytes, px: int, deadline: float) -> asyncio.Future[Any]:
+        """A future for the reply to ``SET rkey 1 NX PX px``; it fails with RedisTimeoutError
+        at ``deadline`` (loop time), the request's own, however many batches wait before it."""
         loop = asyncio.get_running_loop()
+        sent = self._sent_at
+        if sent is not None and len(self._queue) >= _MAX_BATCH:
+            overdue = loop.time() - sent
+            if overdue > self._timeout / 2:
+                # Redis is hung or far behind: a round trip has been open for half the
+                # deadline and a full batch already waits behind it. Refuse now rather than
+                # queue for a deadline that cannot be met (the queue would grow with the load).
+                raise RedisTimeoutError(
+                    f"Redis has not answered for {overdue:.2f} s and {len(self._queue)} "
+                    "requests are queued"
+                )
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((rkey, px, future))
         if self._task is None:
             self._task = loop.create_task(self._drain())
+        # One timer for all: requests share one timeout, so deadlines come in queue order and
+        # only the earliest needs a timer (a timer per request costs more than the SET itself).
+        deadlines = self._deadlines
+        if deadlines and deadline < deadlines[-1][0]:
+            deadline = deadlines[-1][0]  # only a first call that waited for the failover watch
+        deadlines.append((deadline, future))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
         return future
 
+    def _expire(self) -> None:
+        """Fail the requests whose deadline has passed; set the timer for the next one."""
+        self._timer = None
+        deadlines = self._deadlines
+        now = asyncio.get_running_loop().time()
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done()):
+            _, future = deadlines.popleft()
+            if not future.done():  # left in the queue, or in a batch still in flight
+                future.set_exception(
+                    RedisTimeoutError(f"no reply from Redis within {self._timeout:g} s")
+                )
+        if deadlines:
+            self._timer = asyncio.get_running_loop().call_at(deadlines[0][0], self._expire)
+
     async def _drain(self) -> None:
+        batch: list[tuple[bytes, int, asyncio.Future[Any]]] = []
         try:
             while self._queue:
-                batch = self._queue[:_MAX_BATCH]
-                del self._queue[:_MAX_BATCH]
+                # Requests that gave up (their own deadline passed) are not sent.
+                live = [entry for entry in self._queue if not entry[2].done()]
+                batch, self._queue = live[:_MAX_BATCH], live[_MAX_BATCH:]
+                if not batch:
+                    continue
                 try:
                     try:
                         async with asyncio.timeout(self._timeout):
@@ -804,29 +913,44 @@ class _Coalescer:
                             f"no reply from Redis within {self._timeout:g} s"
                         ) from exc
                 except Exception as exc:  # handed to every waiting request; add() maps it
+                    _fail(batch, exc)
                     await self._drop()
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
                 else:
                     for (_, _, future), reply in zip(batch, replies, strict=True):
                         if not future.done():
                             future.set_result(reply)
+                batch = []
+                deadlines = self._deadlines
+                while deadlines and deadlines[0][1].done():  # answered: no deadline to keep
+                    deadlines.popleft()
         finally:
+            # Only here if this task was cancelled (aclose(): the store closes, or the master
+            # changed): the batch in flight and those queued are refused, never left waiting.
+            # A CancelledError is not an Exception, so it is not what the requests are given.
             self._task = None
-            for _, _, future in self._queue:  # only left here if this task was cancelled
-                if not future.done():
-                    future.set_exception(ConnectionError("replay store shut down"))
-            self._queue.clear()
+            closed = redis.exceptions.ConnectionError(
+                "replay store connection closed (store closed or Redis master changed)"
+            )
+            _fail(batch, closed)
+            _fail(self._queue, closed)
+            self._queue = []
 
     async def _round_trip(self, batch: list[tuple[bytes, int, asyncio.Future[Any]]]) -> list[Any]:
-        conn = self._conn
-        if conn is None:
-            pool = self._client.connection_pool
-            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        commands = [("SET", rkey, b"1", "NX", "PX", px) for rkey, px, _ in batch]
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        return [await conn.read_response() for _ in batch]
+        self._sent_at = asyncio.get_running_loop().time()
+        try:
+            conn = self._conn
+            if conn is None:  # connecting is part of the round trip (and may hang as well)
+                pool = self._client.connection_pool
+                conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                if self._watch is not None:
+                    why = _wrong_master(conn, self._watch)
+                    if why is not None:  # the batch is refused and the connection dropped
+                        raise FailoverRefusal(why)
+            commands = [("SET", rkey, b"1", "NX", "PX", px) for rkey, px, _ in batch]
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            return [await conn.read_response() for _ in batch]
+        finally:
+            self._sent_at = None
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -839,7 +963,10 @@ class _Coalescer:
     async def aclose(self) -> None:
         task = self._task
         if task is not None:
-            task.cancel()
+            task.cancel()  # the drain refuses what it had (see its ``finally``)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         await self._drop()
 
 
@@ -923,7 +1050,7 @@ class AsyncRedisReplayStore:
             self._coalescer = (
                 None
                 if isinstance(client, redis.asyncio.cluster.RedisCluster)
-                else _Coalescer(client, self._timeout)
+                else _Coalescer(client, self._timeout, watch)
             )
         return client
 
@@ -949,8 +1076,13 @@ class AsyncRedisReplayStore:
         return self._prefix + key.hex().encode("ascii")
 
     async def add(self, key: bytes, ttl: float) -> bool:
-        """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use)."""
+        """``SET <prefix><key> 1 NX PX <ttl ms>``: True when it set (first use).
+
+        A store built from settings answers within ``timeout`` of the call (a store error
+        after that), however many requests wait before this one.
+        """
         try:
+            deadline = asyncio.get_running_loop().time() + self._timeout
             watch = self._watch
             if watch is not None:
                 # The first use in a process starts the watch and waits for it: in a thread.
@@ -960,7 +1092,7 @@ class AsyncRedisReplayStore:
             client = self._current()
             coalescer = self._coalescer
             if coalescer is not None and self._connect is not None:
-                reply = await coalescer.set_nx(self.redis_key(key), px_for(ttl))
+                reply = await coalescer.set_nx(self.redis_key(key), px_for(ttl), deadline)
             else:
                 reply = await client.set(self.redis_key(key), b"1", nx=True, px=px_for(ttl))
         except Exception as exc:  # any failure of the client is a store failure: fail closed
