@@ -11,6 +11,7 @@ import inspect
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
+from dpop_middleware.observe import FetchResult, Observer, RequestEvent, combine, store_name
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
 from dpop_middleware.settings import Settings
 
@@ -48,6 +50,8 @@ class Outcome(NamedTuple):
     result: DPoPResult | None = None
     refusal: Refusal | None = None
     response_headers: tuple[Header, ...] = ()
+    #: ``report_only``: the refusal that was logged but not sent (for the observers).
+    reported: DPoPError | None = None
 
 
 _PASS = Outcome()
@@ -86,6 +90,11 @@ class Engine:
             MetadataEndpoint(metadata, settings.algorithms, settings.mode != "dpop_or_bearer")
             if metadata is not None
             else None
+        )
+        # Metrics, tracing, your own (dpop_middleware.observe): None unless one is configured,
+        # and then the request path pays an ``is None`` test, never a call.
+        self._observer: Observer | None = combine(
+            settings.metrics, settings.tracing, *settings.observers
         )
 
     def reply(self, request: RequestInfo) -> Reply | None:
@@ -148,11 +157,15 @@ class Engine:
 
     def _refuse_sync(self, request: RequestInfo, error: DPoPError) -> Outcome:
         self._notify_sync(request, error, report_only=self._report_only)
-        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+        if self._report_only:
+            return _PASS if self._observer is None else Outcome(reported=error)
+        return Outcome(refusal=self.verifier.refusal(error))
 
     async def _refuse_async(self, request: RequestInfo, error: DPoPError) -> Outcome:
         await self._notify_async(request, error, report_only=self._report_only)
-        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+        if self._report_only:
+            return _PASS if self._observer is None else Outcome(reported=error)
+        return Outcome(refusal=self.verifier.refusal(error))
 
     # -- per-route checks (the framework helpers) ------------------------------------------------
 
@@ -168,13 +181,14 @@ class Engine:
 
     # -- JWKS ----------------------------------------------------------------------------------
 
-    def _load_jwks(self, document: Mapping[str, Any] | None) -> None:
+    def _load_jwks(self, document: Mapping[str, Any] | None) -> FetchResult:
+        """Load a fetched JWK Set (None: the fetch failed); say how it went."""
         keys = self.verifier.keys
         assert keys is not None
         now = self.verifier.now()
         if document is None:
             keys.fetch_failed(now=now)
-            return
+            return "error"
         try:
             skipped = keys.load(document, now=now)
         except ValueError as exc:
@@ -187,8 +201,9 @@ class Engine:
                 "keeping the last good JWK Set" if keys.key_set else "no JWK Set yet",
                 keys.retry_delay,
             )
-            return
+            return "invalid"
         _log_skipped(keys.uri, skipped)
+        return "ok"
 
     def _fetch(self, uri: str) -> Mapping[str, Any] | None:
         try:
@@ -203,7 +218,16 @@ class Engine:
         with self._sync_lock:
             if keys.attempted_at != seen_attempt:
                 return  # another thread fetched while we waited
-            self._load_jwks(self._fetch(need.uri))
+            obs = self._observer
+            if obs is None:
+                self._load_jwks(self._fetch(need.uri))
+                return
+            result: FetchResult = "error"
+            handle = obs.fetch_started("jwks")
+            try:
+                result = self._load_jwks(self._fetch(need.uri))
+            finally:
+                obs.fetch_finished(handle, "jwks", result)
 
     async def refresh_jwks_async(self, need: JWKSFetchNeeded, seen_attempt: float) -> None:
         keys = self.verifier.keys
@@ -213,12 +237,31 @@ class Engine:
         async with self._async_lock:
             if keys.attempted_at != seen_attempt:
                 return
-            document = await asyncio.to_thread(self._fetch, need.uri)
-            self._load_jwks(document)
+            obs = self._observer
+            if obs is None:
+                self._load_jwks(await asyncio.to_thread(self._fetch, need.uri))
+                return
+            result: FetchResult = "error"
+            handle = obs.fetch_started("jwks")
+            try:
+                result = self._load_jwks(await asyncio.to_thread(self._fetch, need.uri))
+            finally:
+                obs.fetch_finished(handle, "jwks", result)
 
     # -- the request ---------------------------------------------------------------------------
 
     def run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
+        obs = self._observer
+        if obs is None:
+            return self._run_sync(request, store)
+        start, handle, outcome = time.perf_counter(), obs.request_started(), None
+        try:
+            outcome = self._run_sync(request, store)
+        finally:
+            obs.request_finished(handle, self._event(outcome, time.perf_counter() - start))
+        return outcome
+
+    def _run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
         try:
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
@@ -237,7 +280,10 @@ class Engine:
                 return _PASS
             if pending.replay_key is not None:
                 try:
-                    first = store.add(pending.replay_key, pending.ttl)
+                    if self._observer is None:
+                        first = store.add(pending.replay_key, pending.ttl)
+                    else:
+                        first = self._observed_add_sync(store, pending.replay_key, pending.ttl)
                 except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
@@ -247,6 +293,17 @@ class Engine:
         return Outcome(pending.result, None, pending.response_headers)
 
     async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
+        obs = self._observer
+        if obs is None:
+            return await self._run_async(request, store)
+        start, handle, outcome = time.perf_counter(), obs.request_started(), None
+        try:
+            outcome = await self._run_async(request, store)
+        finally:
+            obs.request_finished(handle, self._event(outcome, time.perf_counter() - start))
+        return outcome
+
+    async def _run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
         try:
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
@@ -265,7 +322,12 @@ class Engine:
                 return _PASS
             if pending.replay_key is not None:
                 try:
-                    first = await store.add(pending.replay_key, pending.ttl)
+                    if self._observer is None:
+                        first = await store.add(pending.replay_key, pending.ttl)
+                    else:
+                        first = await self._observed_add_async(
+                            store, pending.replay_key, pending.ttl
+                        )
                 except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
@@ -273,6 +335,65 @@ class Engine:
         except DPoPError as error:
             return await self._refuse_async(request, error)
         return Outcome(pending.result, None, pending.response_headers)
+
+    # -- observers (dpop_middleware.observe): only called when one is configured --------------
+
+    def _observed_add_sync(self, store: ReplayStore, key: bytes, ttl: float) -> bool:
+        obs = self._observer
+        assert obs is not None
+        handle, error, start = obs.replay_store_started(), None, time.perf_counter()
+        try:
+            return store.add(key, ttl)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            obs.replay_store_finished(handle, store_name(store), seconds, error)
+
+    async def _observed_add_async(self, store: AsyncReplayStore, key: bytes, ttl: float) -> bool:
+        obs = self._observer
+        assert obs is not None
+        handle, error, start = obs.replay_store_started(), None, time.perf_counter()
+        try:
+            return await store.add(key, ttl)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            obs.replay_store_finished(handle, store_name(store), seconds, error)
+
+    def _event(self, outcome: Outcome | None, seconds: float) -> RequestEvent:
+        """What the observers learn of one request: codes, status, scheme, thumbprint, times."""
+        if outcome is None:  # an exception escaped (a bug): the server answers 500
+            return RequestEvent("error", "", 500, "", None, seconds, None, False)
+        refusal = outcome.refusal
+        if refusal is not None:
+            nonce = any(name == "dpop-nonce" for name, _ in refusal.headers)
+            reason = refusal.error.reason
+            return RequestEvent("refused", reason, refusal.status, "", None, seconds, None, nonce)
+        result = outcome.result
+        if result is not None:
+            nonce = any(name == "dpop-nonce" for name, _ in outcome.response_headers)
+            iat = result.proof_claims.get("iat")
+            offset = (
+                iat - self.verifier.now()
+                if isinstance(iat, int | float) and not isinstance(iat, bool)
+                else None
+            )
+            return RequestEvent(
+                "accepted", "", 0, result.scheme, result.jkt, seconds, offset, nonce
+            )
+        error = outcome.reported
+        if error is not None:
+            status = error.status
+            if self.settings.always_401 and status in (400, 403):
+                status = 401  # as Verifier.refusal would have sent it
+            return RequestEvent(
+                "would_refuse", error.reason, status, "", None, seconds, None, False
+            )
+        return RequestEvent("passed", "", 0, "", None, seconds, None, False)
 
 
 def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
