@@ -21,6 +21,7 @@ from dpop_middleware.core.request import RequestInfo
 from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
+from dpop_middleware.logfields import log_extra
 from dpop_middleware.observe import FetchResult, Observer, RequestEvent, combine, store_name
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
 from dpop_middleware.settings import Settings
@@ -117,10 +118,11 @@ class Engine:
     def _log(self, request: RequestInfo, error: DPoPError, *, report_only: bool) -> None:
         fields = error.log_detail
         detail = "".join(f" {k}={_clip(v, 300)}" for k, v in fields.items()) if fields else ""
+        event = "would_refuse" if report_only else "refused"
         logger.log(
             error.log_level,
             "dpop %s reason=%s status=%d error=%s method=%s path=%s client=%s%s",
-            "would_refuse" if report_only else "refused",
+            event,
             error.reason,
             error.status,
             error.error,
@@ -128,6 +130,7 @@ class Engine:
             _clip(request.root_path + request.path),
             _client(request.client_ip),
             detail,
+            extra=log_extra(event, _fields(request, error), fields),
         )
 
     def _notify_sync(self, request: RequestInfo, error: DPoPError, *, report_only: bool) -> None:
@@ -140,7 +143,11 @@ class Engine:
                 if inspect.isawaitable(outcome):  # an async hook under WSGI: run it to completion
                     asyncio.run(_await(outcome))
             except Exception:  # the user's hook must not turn a refusal into a 500
-                logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
+                logger.exception(
+                    "dpop on_refusal_hook_failed reason=%s",
+                    error.reason,
+                    extra=log_extra("on_refusal_hook_failed", {"reason": error.reason}),
+                )
 
     async def _notify_async(
         self, request: RequestInfo, error: DPoPError, *, report_only: bool
@@ -153,7 +160,11 @@ class Engine:
                 if inspect.isawaitable(outcome):
                     await outcome
             except Exception:  # the user's hook must not turn a refusal into a 500
-                logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
+                logger.exception(
+                    "dpop on_refusal_hook_failed reason=%s",
+                    error.reason,
+                    extra=log_extra("on_refusal_hook_failed", {"reason": error.reason}),
+                )
 
     def _refuse_sync(self, request: RequestInfo, error: DPoPError) -> Outcome:
         self._notify_sync(request, error, report_only=self._report_only)
@@ -200,6 +211,10 @@ class Engine:
                 exc,
                 "keeping the last good JWK Set" if keys.key_set else "no JWK Set yet",
                 keys.retry_delay,
+                extra=log_extra(
+                    "jwks_invalid",
+                    {"uri": keys.uri, "cause": str(exc), "retry_delay": keys.retry_delay},
+                ),
             )
             return "invalid"
         _log_skipped(keys.uri, skipped)
@@ -209,7 +224,12 @@ class Engine:
         try:
             return fetch_jwks(uri, self.settings.jwks_fetch_timeout)
         except JWKSFetchError as exc:
-            logger.error("dpop jwks_fetch_failed uri=%s: %s", uri, exc)
+            logger.error(
+                "dpop jwks_fetch_failed uri=%s: %s",
+                uri,
+                exc,
+                extra=log_extra("jwks_fetch_failed", {"uri": uri, "cause": str(exc)}),
+            )
             return None
 
     def refresh_jwks_sync(self, need: JWKSFetchNeeded, seen_attempt: float) -> None:
@@ -404,7 +424,23 @@ def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
             uri or "<jwks setting>",
             _clip(each.kid) if each.kid is not None else "-",
             each.reason,
+            extra=log_extra(
+                "jwks_key_skipped",
+                {"uri": uri or "<jwks setting>", "kid": each.kid, "cause": each.reason},
+            ),
         )
+
+
+def _fields(request: RequestInfo, error: DPoPError) -> dict[str, Any]:
+    """The refusal line's fields, for ``extra`` (dpop_middleware.logfields)."""
+    return {
+        "reason": error.reason,
+        "status": error.status,
+        "error": error.error,
+        "method": request.method,
+        "path": request.root_path + request.path,
+        "client": request.client_ip,
+    }
 
 
 def _store_down(exc: Exception) -> ServiceUnavailableError:
