@@ -164,11 +164,56 @@ def test_a_registry_that_is_not_one_is_refused(make_settings: Any) -> None:
         Settings.from_dict(make_settings(metrics={"registry": object()}))
 
 
-def test_multiprocess_registry(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    registry = metrics_registry()
-    assert registry is not metrics_registry()
-    assert generate_latest(registry) == b""  # no worker has written yet
+_WORKER = """
+import sys
+from werkzeug.test import Client
+from dpop_middleware import DPoPWSGIMiddleware
+from dpop_middleware.prometheus import MultiProcessObserver
+from dpop_middleware.testing import DPoPKey, TokenIssuer
+
+issuer = TokenIssuer(audience="https://api.example")
+def app(environ, start_response):
+    start_response("200 OK", [])
+    return [b"ok"]
+middleware = DPoPWSGIMiddleware(app, settings=issuer.settings(metrics=True))
+assert isinstance(middleware.settings.metrics, MultiProcessObserver)
+client, key = Client(middleware), DPoPKey.generate()
+token = issuer.token(bound_to=key)
+for _ in range(int(sys.argv[1])):
+    proof = key.proof("GET", "http://localhost/me", access_token=token)
+    assert client.get("/me", headers={"Authorization": f"DPoP {token}", "DPoP": proof}).status_code == 200
+assert client.get("/me").status_code == 401
+"""
+
+_SCRAPE = """
+from prometheus_client import generate_latest
+from dpop_middleware.prometheus import metrics_registry
+print(generate_latest(metrics_registry()).decode())
+"""
+
+
+def test_several_worker_processes_add_up(tmp_path: Any) -> None:
+    """PROMETHEUS_MULTIPROC_DIR: each worker process writes its own files; /metrics adds them."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    for count in (3, 4):  # two workers, one after the other
+        subprocess.run([sys.executable, "-c", _WORKER, str(count)], env=env, check=True)
+    text = subprocess.run(
+        [sys.executable, "-c", _SCRAPE], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
+    assert float(lines['dpop_requests_total{outcome="accepted",reason="",status=""}']) == 7
+    assert float(lines['dpop_requests_total{outcome="refused",reason="no_credentials",status="401"}']) == 2
+    assert float(lines["dpop_verify_seconds_count"]) == 9
+    assert float(lines["dpop_replay_store_seconds_count"]) == 7
+    assert float(lines["dpop_proof_iat_offset_seconds_count"]) == 7
+
+
+def test_one_process_uses_its_own_collector(registry: CollectorRegistry) -> None:
+    assert isinstance(prometheus_observer(registry), PrometheusObserver)
 
 
 @pytest.mark.parametrize(
