@@ -22,7 +22,14 @@ from dpop_middleware.core.verifier import DPoPResult, Header, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
 from dpop_middleware.logfields import log_extra
-from dpop_middleware.observe import FetchResult, Observer, RequestEvent, combine, store_name
+from dpop_middleware.observe import (
+    FetchResult,
+    Observer,
+    RequestEvent,
+    combine,
+    overrides,
+    store_name,
+)
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
 from dpop_middleware.settings import Settings
 
@@ -96,6 +103,13 @@ class Engine:
         # and then the request path pays an ``is None`` test, never a call.
         self._observer: Observer | None = combine(
             settings.metrics, settings.tracing, *settings.observers
+        )
+        self._clock = settings.clock
+        obs = self._observer
+        # Span hooks are called only for an observer that has them (metrics need none).
+        self._request_hook = obs is not None and overrides(obs, "request_started")
+        self._store_hooks = obs is not None and (
+            overrides(obs, "replay_store_started") or overrides(obs, "replay_store_finished")
         )
 
     def reply(self, request: RequestInfo) -> Reply | None:
@@ -273,15 +287,16 @@ class Engine:
     def run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
         obs = self._observer
         if obs is None:
-            return self._run_sync(request, store)
-        start, handle, outcome = time.perf_counter(), obs.request_started(), None
+            return self._run_sync(request, store, None)
+        start, probe, outcome = _now(), _Probe(), None
+        handle = obs.request_started() if self._request_hook else None
         try:
-            outcome = self._run_sync(request, store)
+            outcome = self._run_sync(request, store, probe)
         finally:
-            obs.request_finished(handle, self._event(outcome, time.perf_counter() - start))
+            obs.request_finished(handle, self._event(outcome, _now() - start, probe))
         return outcome
 
-    def _run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
+    def _run_sync(self, request: RequestInfo, store: ReplayStore, probe: _Probe | None) -> Outcome:
         try:
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
@@ -300,10 +315,12 @@ class Engine:
                 return _PASS
             if pending.replay_key is not None:
                 try:
-                    if self._observer is None:
+                    if probe is None:
                         first = store.add(pending.replay_key, pending.ttl)
                     else:
-                        first = self._observed_add_sync(store, pending.replay_key, pending.ttl)
+                        first = self._observed_add_sync(
+                            store, pending.replay_key, pending.ttl, probe
+                        )
                 except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
@@ -315,15 +332,18 @@ class Engine:
     async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
         obs = self._observer
         if obs is None:
-            return await self._run_async(request, store)
-        start, handle, outcome = time.perf_counter(), obs.request_started(), None
+            return await self._run_async(request, store, None)
+        start, probe, outcome = _now(), _Probe(), None
+        handle = obs.request_started() if self._request_hook else None
         try:
-            outcome = await self._run_async(request, store)
+            outcome = await self._run_async(request, store, probe)
         finally:
-            obs.request_finished(handle, self._event(outcome, time.perf_counter() - start))
+            obs.request_finished(handle, self._event(outcome, _now() - start, probe))
         return outcome
 
-    async def _run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
+    async def _run_async(
+        self, request: RequestInfo, store: AsyncReplayStore, probe: _Probe | None
+    ) -> Outcome:
         try:
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
@@ -342,11 +362,11 @@ class Engine:
                 return _PASS
             if pending.replay_key is not None:
                 try:
-                    if self._observer is None:
+                    if probe is None:
                         first = await store.add(pending.replay_key, pending.ttl)
                     else:
                         first = await self._observed_add_async(
-                            store, pending.replay_key, pending.ttl
+                            store, pending.replay_key, pending.ttl, probe
                         )
                 except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
@@ -358,62 +378,92 @@ class Engine:
 
     # -- observers (dpop_middleware.observe): only called when one is configured --------------
 
-    def _observed_add_sync(self, store: ReplayStore, key: bytes, ttl: float) -> bool:
+    def _observed_add_sync(self, store: ReplayStore, key: bytes, ttl: float, probe: _Probe) -> bool:
         obs = self._observer
         assert obs is not None
-        handle, error, start = obs.replay_store_started(), None, time.perf_counter()
+        hooks = self._store_hooks
+        handle = obs.replay_store_started() if hooks else None
+        error, start = None, _now()
         try:
             return store.add(key, ttl)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            seconds = time.perf_counter() - start
-            obs.replay_store_finished(handle, store_name(store), seconds, error)
+            seconds = probe.seconds = _now() - start
+            probe.store = store_name(store)
+            probe.failed = error is not None
+            if hooks:
+                obs.replay_store_finished(handle, probe.store, seconds, error)
 
-    async def _observed_add_async(self, store: AsyncReplayStore, key: bytes, ttl: float) -> bool:
+    async def _observed_add_async(
+        self, store: AsyncReplayStore, key: bytes, ttl: float, probe: _Probe
+    ) -> bool:
         obs = self._observer
         assert obs is not None
-        handle, error, start = obs.replay_store_started(), None, time.perf_counter()
+        hooks = self._store_hooks
+        handle = obs.replay_store_started() if hooks else None
+        error, start = None, _now()
         try:
             return await store.add(key, ttl)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            seconds = time.perf_counter() - start
-            obs.replay_store_finished(handle, store_name(store), seconds, error)
+            seconds = probe.seconds = _now() - start
+            probe.store = store_name(store)
+            probe.failed = error is not None
+            if hooks:
+                obs.replay_store_finished(handle, probe.store, seconds, error)
 
-    def _event(self, outcome: Outcome | None, seconds: float) -> RequestEvent:
+    def _event(self, outcome: Outcome | None, seconds: float, probe: _Probe) -> RequestEvent:
         """What the observers learn of one request: codes, status, scheme, thumbprint, times."""
+        store, took, failed = probe.store, probe.seconds, probe.failed
         if outcome is None:  # an exception escaped (a bug): the server answers 500
-            return RequestEvent("error", "", 500, "", None, seconds, None, False)
+            return RequestEvent(
+                "error", "", 500, "", None, seconds, None, False, store, took, failed
+            )
         refusal = outcome.refusal
         if refusal is not None:
-            nonce = any(name == "dpop-nonce" for name, _ in refusal.headers)
-            reason = refusal.error.reason
-            return RequestEvent("refused", reason, refusal.status, "", None, seconds, None, nonce)
+            return RequestEvent(
+                "refused", refusal.error.reason, refusal.status, "", None, seconds, None,
+                _has_nonce(refusal.headers), store, took, failed,
+            )  # fmt: skip
         result = outcome.result
         if result is not None:
-            nonce = any(name == "dpop-nonce" for name, _ in outcome.response_headers)
-            iat = result.proof_claims.get("iat")
-            offset = (
-                iat - self.verifier.now()
-                if isinstance(iat, int | float) and not isinstance(iat, bool)
-                else None
-            )
+            headers = outcome.response_headers
+            iat = result.proof_claims.get("iat")  # checked: a number (never a bool) or absent
+            offset = iat - self._clock() if type(iat) is int or type(iat) is float else None
             return RequestEvent(
-                "accepted", "", 0, result.scheme, result.jkt, seconds, offset, nonce
-            )
+                "accepted", "", 0, result.scheme, result.jkt, seconds, offset,
+                _has_nonce(headers) if headers else False, store, took, failed,
+            )  # fmt: skip
         error = outcome.reported
         if error is not None:
             status = error.status
             if self.settings.always_401 and status in (400, 403):
                 status = 401  # as Verifier.refusal would have sent it
             return RequestEvent(
-                "would_refuse", error.reason, status, "", None, seconds, None, False
-            )
-        return RequestEvent("passed", "", 0, "", None, seconds, None, False)
+                "would_refuse", error.reason, status, "", None, seconds, None, False,
+                store, took, failed,
+            )  # fmt: skip
+        return RequestEvent("passed", "", 0, "", None, seconds, None, False, store, took, failed)
+
+
+class _Probe:
+    """One observed request's replay-store call: a local of ``run_sync``/``run_async`` that the
+    store call fills in (class defaults: nothing recorded)."""
+
+    store = ""
+    seconds: float | None = None
+    failed = False
+
+
+_now = time.perf_counter
+
+
+def _has_nonce(headers: tuple[Header, ...]) -> bool:
+    return any(name == "dpop-nonce" for name, _ in headers)
 
 
 def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:

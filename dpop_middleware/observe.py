@@ -47,13 +47,25 @@ class RequestEvent(NamedTuple):
     iat_offset: float | None
     #: A ``DPoP-Nonce`` went out with the response (a fresh nonce issued).
     nonce_issued: bool
+    #: The replay store's short name (:func:`store_name`) if it was called, else ``""``.
+    store: str = ""
+    #: How long the replay-store call took, if there was one.
+    store_seconds: float | None = None
+    #: The replay-store call failed (the request was refused with 503).
+    store_error: bool = False
 
 
 @runtime_checkable
 class Observer(Protocol):
     """What the Engine calls. ``*_started`` returns a handle (a span, or None) that the Engine
     hands back to the matching ``*_finished``; ``started``/``finished`` pairs nest like the
-    work they time, on one thread or one task."""
+    work they time, on one thread or one task.
+
+    ``request_finished`` gets everything about a request, the replay-store call included;
+    ``request_started`` and the ``replay_store_*`` pair are for spans, and a subclass of
+    :class:`BaseObserver` that does not override them is not called for them at all (a
+    metrics observer pays for one call per request).
+    """
 
     def request_started(self) -> Any: ...
 
@@ -97,6 +109,11 @@ class BaseObserver:
 
     def introspection_cache(self, hit: bool) -> None:
         return None
+
+
+def overrides(observer: object, name: str) -> bool:
+    """``observer`` has its own ``name`` method (not :class:`BaseObserver`'s no-op)."""
+    return getattr(type(observer), name, None) is not getattr(BaseObserver, name)
 
 
 #: The methods an object in ``observers`` must have (checked at start-up).
@@ -205,5 +222,6 @@ __all__ = [
     "ReasonLabels",
     "RequestEvent",
     "combine",
+    "overrides",
     "store_name",
 ]

@@ -39,12 +39,15 @@ class TracingObserver(BaseObserver):
 
     def _start(self, name: str) -> tuple[Span, Any]:
         span = self._tracer.start_span(name, kind=SpanKind.INTERNAL)
+        if not span.is_recording():  # a no-op provider, or sampled out: nothing to nest under it
+            return span, None
         return span, context.attach(trace.set_span_in_context(span))
 
     @staticmethod
     def _end(handle: tuple[Span, Any]) -> None:
         span, token = handle
-        context.detach(token)
+        if token is not None:
+            context.detach(token)
         span.end()
 
     def request_started(self) -> Any:
