@@ -259,3 +259,25 @@ def test_the_metrics_examples_expose_what_they_count(module: str, kind: str) -> 
     refused = 'dpop_requests_total{outcome="refused",reason="no_credentials",status="401"}'
     assert after[accepted] == before.get(accepted, 0) + 1
     assert after[refused] == before.get(refused, 0) + 1
+
+
+def test_the_dashboard_queries_only_metrics_we_export(registry: CollectorRegistry) -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from dpop_middleware.observe import RequestEvent
+
+    # One store error, so that the error counter has a series (it has none before).
+    prometheus_observer(registry).request_finished(
+        None, RequestEvent("refused", "x", 503, "", None, 0.1, None, False, "redis", 0.1, True)
+    )
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(registry).decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    dashboard = Path(__file__).parent.parent / "examples" / "dashboard" / "grafana-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bdpop_\w+", expr)}
+    assert used and used <= exported, used - exported
