@@ -216,3 +216,27 @@ def test_tracing_true_uses_the_global_provider_and_works_without_an_sdk(
 def test_a_provider_that_is_not_one_is_refused(make_settings: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"setting 'tracing\.tracer_provider'"):
         Settings.from_dict(make_settings(tracing={"tracer_provider": 3}))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_metrics_and_tracing_together(
+    kind: str,
+    exporter: InMemorySpanExporter,
+    provider: TracerProvider,
+    make_settings: Callable[..., dict[str, Any]],
+    issuer: TokenIssuer,
+    dpop_key: DPoPKey,
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    settings = make_settings(tracing={"tracer_provider": provider}, metrics={"registry": registry})
+    api = Api(kind, settings)
+    token = issuer.token(bound_to=dpop_key)
+    assert api.get("/me", dpop_headers(dpop_key, token, "GET", f"{api.base}/me")) == 200
+    assert api.get("/me") == 401
+    labels = {"outcome": "accepted", "reason": "", "status": ""}
+    assert registry.get_sample_value("dpop_requests_total", labels) == 1
+    assert registry.get_sample_value("dpop_replay_store_seconds_count") == 1
+    found = spans(exporter)
+    assert len(found["dpop.verify"]) == 2 and len(found["dpop.replay_store"]) == 1
