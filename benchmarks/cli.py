@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +22,13 @@ FLOOR_VERIFY = "floor_es256_verify"
 FLOOR_REDIS = "floor_redis_set_nx_px"
 FLOOR_SUM = "floor_verify_plus_redis"
 FLOOR_SEQUENCE = "floor_verify_then_redis"
+#: The warm core with observers on (issue 17); each has an ``_added`` row: its cost over
+#: ``core_memory_warm`` per request, measured in the same rounds.
+OBSERVED = {
+    "core_memory_warm_metrics": ("Prometheus metrics", 3.0),
+    "core_memory_warm_tracing_noop": ("tracing, OpenTelemetry API no-op provider", None),
+    "core_memory_warm_tracing_sdk": ("tracing, OpenTelemetry SDK provider, no exporter", None),
+}
 MACHINE_NOTE = (
     "{cpus} CPU cores, shared: the load generator runs beside the servers it loads, and other "
     "work on the machine adds noise; nothing is pinned. Ratios divide medians of the same run."
@@ -34,6 +42,7 @@ def row_names(plan: Plan | None = None) -> list[str]:
         FLOOR_VERIFY, FLOOR_REDIS, FLOOR_SUM, FLOOR_SEQUENCE,
         "core_memory_warm", "core_memory_cold", "core_redis_sync_warm",
         "core_introspection_warm", "core_introspection_miss",
+        *OBSERVED, *(f"{name}_added" for name in OBSERVED),
         f"asgi_redis_async_{conc}", f"asgi_memory_{conc}",
         "http_starlette_uvicorn_plain", "http_starlette_uvicorn_dpop_redis",
         "http_starlette_uvicorn_added",
@@ -181,6 +190,7 @@ def inprocess_rows(found: dict[str, dict[str, Samples]], plan: Plan) -> list[Row
                     extra=extra,
                 )
             )
+    rows += observed_rows(found, floor_v)
     conc = plan.asgi_concurrency
     asgi = {
         f"asgi_redis_async_{conc}": (
@@ -202,6 +212,46 @@ def inprocess_rows(found: dict[str, dict[str, Samples]], plan: Plan) -> list[Row
                 )
             )  # fmt: skip
     return rows
+
+
+def observed_rows(found: dict[str, dict[str, Samples]], floor_v: float) -> list[Row]:
+    """The observed warm cores and what each adds to ``core_memory_warm``: the median of the
+    per-slice differences of CPU time per request. The two rows run slice by slice, one right
+    after the other, so each difference compares the same few milliseconds; CPU time leaves out
+    the time other processes had the core (the machine is shared); the median of many pairs
+    shrugs off the slices a neighbour disturbed. Wall-clock figures are in the notes."""
+    warm = found.get("core_memory_warm")
+    rows = []
+    for name, (what, target) in OBSERVED.items():
+        if name not in found or warm is None:
+            continue
+        rows.append(
+            _time_row(
+                name, f"Engine.run_sync as core_memory_warm, with {what}", found[name],
+                floor=FLOOR_VERIFY, floor_value=floor_v,
+            )
+        )  # fmt: skip
+        mine, base = found[name], warm
+        cpu = _paired(mine["slice_cpu_us"], base["slice_cpu_us"])
+        wall = _paired(mine["slice_us"], base["slice_us"])
+        rows.append(
+            Row(
+                f"{name}_added",
+                f"{what}: CPU per request over core_memory_warm (median of paired slices)",
+                statistics.median(cpu), "us", None, [], target=target,
+                extra={
+                    "pairs": len(cpu),
+                    "wall_added_us": round(statistics.median(wall), 3),
+                    "note": f"median of {len(cpu)} paired slices, CPU time; wall "
+                    f"{statistics.median(wall):+.1f} us",
+                },
+            )
+        )  # fmt: skip
+    return rows
+
+
+def _paired(mine: Samples, base: Samples) -> list[float]:
+    return [a - b for a, b in zip(mine.values, base.values, strict=True)]
 
 
 def http_rows(

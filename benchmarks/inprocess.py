@@ -410,6 +410,8 @@ def build(plan: Plan, client: Client, redis_url: str, prefix: str, groups: set[s
         redis = Settings.from_dict(client.settings(replay_store=redis_store))
         benches += [
             CoreBench("core_memory_warm", client, plan.warm_n, MemoryReplayStore(), memory),
+            # Right after the warm row: each slice of theirs runs next to one of its own.
+            *observed_cores(client, plan),
             CoreBench(
                 "core_memory_cold", client, plan.cold_n, MemoryReplayStore(), memory, cold=True
             ),
@@ -438,6 +440,31 @@ def build(plan: Plan, client: Client, redis_url: str, prefix: str, groups: set[s
     return benches
 
 
+def observed_cores(client: Client, plan: Plan) -> list[Bench]:
+    """The warm core with observers on (issue 17): Prometheus metrics on a registry of their
+    own; tracing with the API's no-op provider; tracing with the SDK's provider (spans made,
+    attributes set and ended, no exporter: what an exporter costs is its own business)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import NoOpTracerProvider
+    from prometheus_client import CollectorRegistry
+
+    variants = {
+        "core_memory_warm_metrics": {"metrics": {"registry": CollectorRegistry()}},
+        "core_memory_warm_tracing_noop": {"tracing": {"tracer_provider": NoOpTracerProvider()}},
+        "core_memory_warm_tracing_sdk": {"tracing": {"tracer_provider": TracerProvider()}},
+    }
+    return [
+        CoreBench(
+            name,
+            client,
+            plan.warm_n,
+            MemoryReplayStore(),
+            Settings.from_dict(client.settings(**extra)),
+        )
+        for name, extra in variants.items()
+    ]
+
+
 #: Slices per timed round (see the module docstring).
 SLICES = 8
 
@@ -462,9 +489,15 @@ def run_interleaved(
                 if work is None:
                     continue
                 wall0, cpu0 = time.perf_counter(), time.process_time()
-                ops[i] += bench.execute(work)
-                wall[i] += time.perf_counter() - wall0
-                cpu[i] += time.process_time() - cpu0
+                done = bench.execute(work)
+                spent_wall, spent_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                ops[i] += done
+                wall[i] += spent_wall
+                cpu[i] += spent_cpu
+                if done:  # per slice too: rows compared slice by slice (cli.observed_rows)
+                    samples = bench.samples
+                    samples.setdefault("slice_us", Samples()).add(spent_wall / done * 1e6)
+                    samples.setdefault("slice_cpu_us", Samples()).add(spent_cpu / done * 1e6)
         for i, bench in enumerate(order):
             bench.check_failures()
             bench.record(wall[i] / ops[i] * 1e6, cpu[i] / ops[i] * 1e6)

@@ -20,7 +20,9 @@ def _number(value: float | None, unit: str = "") -> str:
 def _target(row: Row) -> str:
     if row.target is None:
         return ""
-    return f"<= {row.target:g} x" if row.floor is not None else f"<= {row.target:g} B"
+    if row.floor is not None:
+        return f"<= {row.target:g} x"
+    return f"<= {row.target:g} {'B' if row.unit == 'bytes' else row.unit}"
 
 
 def _status(row: Row) -> str:

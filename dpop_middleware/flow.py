@@ -11,6 +11,7 @@ import inspect
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -23,6 +24,15 @@ from dpop_middleware.core.token import Answer
 from dpop_middleware.core.verifier import DPoPResult, Header, Pending, Refusal, Verifier
 from dpop_middleware.errors import DPoPError, ServiceUnavailableError
 from dpop_middleware.jwks import JWKSFetchError, fetch_jwks
+from dpop_middleware.logfields import log_extra
+from dpop_middleware.observe import (
+    FetchResult,
+    Observer,
+    RequestEvent,
+    combine,
+    overrides,
+    store_name,
+)
 from dpop_middleware.replay.base import AsyncReplayStore, ReplayStore
 from dpop_middleware.settings import Settings
 from dpop_middleware.sources import TokenSources
@@ -52,6 +62,8 @@ class Outcome(NamedTuple):
     result: DPoPResult | None = None
     refusal: Refusal | None = None
     response_headers: tuple[Header, ...] = ()
+    #: ``report_only``: the refusal that was logged but not sent (for the observers).
+    reported: DPoPError | None = None
 
 
 _PASS = Outcome()
@@ -92,6 +104,19 @@ class Engine:
             if metadata is not None
             else None
         )
+        # Metrics, tracing, your own (dpop_middleware.observe): None unless one is configured,
+        # and then the request path pays an ``is None`` test, never a call.
+        self._observer: Observer | None = combine(
+            settings.metrics, settings.tracing, *settings.observers
+        )
+        self._sources.observer = self._observer  # counts and traces metadata fetches
+        self._clock = settings.clock
+        obs = self._observer
+        # Span hooks are called only for an observer that has them (metrics need none).
+        self._request_hook = obs is not None and overrides(obs, "request_started")
+        self._store_hooks = obs is not None and (
+            overrides(obs, "replay_store_started") or overrides(obs, "replay_store_finished")
+        )
 
     def reply(self, request: RequestInfo) -> Reply | None:
         """A response the middleware gives itself, before any check: the RFC 9728 metadata
@@ -113,10 +138,11 @@ class Engine:
     def _log(self, request: RequestInfo, error: DPoPError, *, report_only: bool) -> None:
         fields = error.log_detail
         detail = "".join(f" {k}={_clip(v, 300)}" for k, v in fields.items()) if fields else ""
+        event = "would_refuse" if report_only else "refused"
         logger.log(
             error.log_level,
             "dpop %s reason=%s status=%d error=%s method=%s path=%s client=%s%s",
-            "would_refuse" if report_only else "refused",
+            event,
             error.reason,
             error.status,
             error.error,
@@ -124,6 +150,7 @@ class Engine:
             _clip(request.root_path + request.path),
             _client(request.client_ip),
             detail,
+            extra=log_extra(event, _fields(request, error), fields),
         )
 
     def _notify_sync(self, request: RequestInfo, error: DPoPError, *, report_only: bool) -> None:
@@ -136,7 +163,11 @@ class Engine:
                 if inspect.isawaitable(outcome):  # an async hook under WSGI: run it to completion
                     asyncio.run(_await(outcome))
             except Exception:  # the user's hook must not turn a refusal into a 500
-                logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
+                logger.exception(
+                    "dpop on_refusal_hook_failed reason=%s",
+                    error.reason,
+                    extra=log_extra("on_refusal_hook_failed", {"reason": error.reason}),
+                )
 
     async def _notify_async(
         self, request: RequestInfo, error: DPoPError, *, report_only: bool
@@ -149,15 +180,23 @@ class Engine:
                 if inspect.isawaitable(outcome):
                     await outcome
             except Exception:  # the user's hook must not turn a refusal into a 500
-                logger.exception("dpop on_refusal_hook_failed reason=%s", error.reason)
+                logger.exception(
+                    "dpop on_refusal_hook_failed reason=%s",
+                    error.reason,
+                    extra=log_extra("on_refusal_hook_failed", {"reason": error.reason}),
+                )
 
     def _refuse_sync(self, request: RequestInfo, error: DPoPError) -> Outcome:
         self._notify_sync(request, error, report_only=self._report_only)
-        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+        if self._report_only:
+            return _PASS if self._observer is None else Outcome(reported=error)
+        return Outcome(refusal=self.verifier.refusal(error))
 
     async def _refuse_async(self, request: RequestInfo, error: DPoPError) -> Outcome:
         await self._notify_async(request, error, report_only=self._report_only)
-        return _PASS if self._report_only else Outcome(refusal=self.verifier.refusal(error))
+        if self._report_only:
+            return _PASS if self._observer is None else Outcome(reported=error)
+        return Outcome(refusal=self.verifier.refusal(error))
 
     # -- per-route checks (the framework helpers) ------------------------------------------------
 
@@ -173,13 +212,14 @@ class Engine:
 
     # -- JWKS ----------------------------------------------------------------------------------
 
-    def _load_jwks(self, document: Mapping[str, Any] | None) -> None:
+    def _load_jwks(self, document: Mapping[str, Any] | None) -> FetchResult:
+        """Load a fetched JWK Set (None: the fetch failed); say how it went."""
         keys = self.verifier.keys
         assert keys is not None
         now = self.verifier.now()
         if document is None:
             keys.fetch_failed(now=now)
-            return
+            return "error"
         try:
             skipped = keys.load(document, now=now)
         except ValueError as exc:
@@ -193,22 +233,32 @@ class Engine:
                     keys.uri,
                     _clip(str(document.get("jwks_uri", "-"))),
                 )
-                return
+                return "invalid"
             logger.error(
                 "dpop jwks_invalid uri=%s: %s; %s, next attempt in %g s at the earliest",
                 keys.uri,
                 exc,
                 "keeping the last good JWK Set" if keys.key_set else "no JWK Set yet",
                 keys.retry_delay,
+                extra=log_extra(
+                    "jwks_invalid",
+                    {"uri": keys.uri, "cause": str(exc), "retry_delay": keys.retry_delay},
+                ),
             )
-            return
+            return "invalid"
         _log_skipped(keys.uri, skipped)
+        return "ok"
 
     def _fetch(self, uri: str) -> Mapping[str, Any] | None:
         try:
             return fetch_jwks(uri, self.settings.jwks_fetch_timeout)
         except JWKSFetchError as exc:
-            logger.error("dpop jwks_fetch_failed uri=%s: %s", uri, exc)
+            logger.error(
+                "dpop jwks_fetch_failed uri=%s: %s",
+                uri,
+                exc,
+                extra=log_extra("jwks_fetch_failed", {"uri": uri, "cause": str(exc)}),
+            )
             return None
 
     def refresh_jwks_sync(self, need: JWKSFetchNeeded, seen_attempt: float) -> None:
@@ -217,7 +267,16 @@ class Engine:
         with self._sync_lock:
             if keys.attempted_at != seen_attempt:
                 return  # another thread fetched while we waited
-            self._load_jwks(self._fetch(need.uri))
+            obs = self._observer
+            if obs is None:
+                self._load_jwks(self._fetch(need.uri))
+                return
+            result: FetchResult = "error"
+            handle = obs.fetch_started("jwks")
+            try:
+                result = self._load_jwks(self._fetch(need.uri))
+            finally:
+                obs.fetch_finished(handle, "jwks", result)
 
     async def refresh_jwks_async(self, need: JWKSFetchNeeded, seen_attempt: float) -> None:
         keys = self.verifier.keys
@@ -227,8 +286,16 @@ class Engine:
         async with self._async_lock:
             if keys.attempted_at != seen_attempt:
                 return
-            document = await asyncio.to_thread(self._fetch, need.uri)
-            self._load_jwks(document)
+            obs = self._observer
+            if obs is None:
+                self._load_jwks(await asyncio.to_thread(self._fetch, need.uri))
+                return
+            result: FetchResult = "error"
+            handle = obs.fetch_started("jwks")
+            try:
+                result = self._load_jwks(await asyncio.to_thread(self._fetch, need.uri))
+            finally:
+                obs.fetch_finished(handle, "jwks", result)
 
     # -- the core's check, with the I/O it asks for ---------------------------------------------
 
@@ -241,15 +308,27 @@ class Engine:
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
             try:
-                return self.verifier.check(request, answer)
+                pending = self.verifier.check(request, answer)
+                if answer is None and pending is not None and pending.answered:
+                    self._observe_cache_hit()
+                return pending
             except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
                 _ask_once(asked, need)
                 if isinstance(need, JWKSFetchNeeded):
                     self.refresh_jwks_sync(need, seen)
                 elif isinstance(need, MetadataFetchNeeded):
                     self._sources.refresh_metadata_sync(need)
-                else:
+                elif self._observer is None:
                     answer = (need.key, self._sources.answer_sync(need))
+                else:
+                    self._observer.introspection_cache(False)
+                    handle = self._observer.fetch_started("introspection")
+                    result: FetchResult = "error"
+                    try:
+                        answer = (need.key, self._sources.answer_sync(need))
+                        result = "ok"
+                    finally:
+                        self._observer.fetch_finished(handle, "introspection", result)
 
     async def _check_async(self, request: RequestInfo) -> Pending | None:
         """:meth:`_check_sync` without blocking the event loop."""
@@ -259,26 +338,61 @@ class Engine:
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
             try:
-                return self.verifier.check(request, answer)
+                pending = self.verifier.check(request, answer)
+                if answer is None and pending is not None and pending.answered:
+                    self._observe_cache_hit()
+                return pending
             except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
                 _ask_once(asked, need)
                 if isinstance(need, JWKSFetchNeeded):
                     await self.refresh_jwks_async(need, seen)
                 elif isinstance(need, MetadataFetchNeeded):
                     await self._sources.refresh_metadata_async(need)
-                else:
+                elif self._observer is None:
                     answer = (need.key, await self._sources.answer_async(need))
+                else:
+                    self._observer.introspection_cache(False)
+                    handle = self._observer.fetch_started("introspection")
+                    result: FetchResult = "error"
+                    try:
+                        answer = (need.key, await self._sources.answer_async(need))
+                        result = "ok"
+                    finally:
+                        self._observer.fetch_finished(handle, "introspection", result)
+
+    def _observe_cache_hit(self) -> None:
+        """An accepted token answered from the introspection / token_verifier cache (a miss is
+        counted where the answer is asked for)."""
+        if self._observer is not None:
+            self._observer.introspection_cache(True)
 
     # -- the request ---------------------------------------------------------------------------
 
     def run_sync(self, request: RequestInfo, store: ReplayStore) -> Outcome:
+        obs = self._observer
+        if obs is None:
+            return self._run_sync(request, store, None)
+        start, probe, outcome = _now(), _Probe(), None
+        handle = obs.request_started() if self._request_hook else None
+        try:
+            outcome = self._run_sync(request, store, probe)
+        finally:
+            obs.request_finished(handle, self._event(outcome, _now() - start, probe))
+        return outcome
+
+    def _run_sync(self, request: RequestInfo, store: ReplayStore, probe: _Probe | None) -> Outcome:
         try:
             pending = self._check_sync(request)
             if pending is None:
                 return _PASS
             if pending.replay_key is not None:
                 try:
-                    first = store.add(pending.replay_key, pending.ttl)
+                    if probe is None:
+                        first = store.add(pending.replay_key, pending.ttl)
+                    else:
+                        first = self._observed_add_sync(
+                            store, pending.replay_key, pending.ttl, probe
+                        )
                 except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
@@ -288,13 +402,32 @@ class Engine:
         return Outcome(pending.result, None, pending.response_headers)
 
     async def run_async(self, request: RequestInfo, store: AsyncReplayStore) -> Outcome:
+        obs = self._observer
+        if obs is None:
+            return await self._run_async(request, store, None)
+        start, probe, outcome = _now(), _Probe(), None
+        handle = obs.request_started() if self._request_hook else None
+        try:
+            outcome = await self._run_async(request, store, probe)
+        finally:
+            obs.request_finished(handle, self._event(outcome, _now() - start, probe))
+        return outcome
+
+    async def _run_async(
+        self, request: RequestInfo, store: AsyncReplayStore, probe: _Probe | None
+    ) -> Outcome:
         try:
             pending = await self._check_async(request)
             if pending is None:
                 return _PASS
             if pending.replay_key is not None:
                 try:
-                    first = await store.add(pending.replay_key, pending.ttl)
+                    if probe is None:
+                        first = await store.add(pending.replay_key, pending.ttl)
+                    else:
+                        first = await self._observed_add_async(
+                            store, pending.replay_key, pending.ttl, probe
+                        )
                 except Exception as exc:  # any store failure, a bug in a store too: fail closed
                     raise _store_down(exc) from exc
                 if not first:
@@ -302,6 +435,95 @@ class Engine:
         except DPoPError as error:
             return await self._refuse_async(request, error)
         return Outcome(pending.result, None, pending.response_headers)
+
+    # -- observers (dpop_middleware.observe): only called when one is configured --------------
+
+    def _observed_add_sync(self, store: ReplayStore, key: bytes, ttl: float, probe: _Probe) -> bool:
+        obs = self._observer
+        assert obs is not None
+        hooks = self._store_hooks
+        handle = obs.replay_store_started() if hooks else None
+        error, start = None, _now()
+        try:
+            return store.add(key, ttl)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = probe.seconds = _now() - start
+            probe.store = store_name(store)
+            probe.failed = error is not None
+            if hooks:
+                obs.replay_store_finished(handle, probe.store, seconds, error)
+
+    async def _observed_add_async(
+        self, store: AsyncReplayStore, key: bytes, ttl: float, probe: _Probe
+    ) -> bool:
+        obs = self._observer
+        assert obs is not None
+        hooks = self._store_hooks
+        handle = obs.replay_store_started() if hooks else None
+        error, start = None, _now()
+        try:
+            return await store.add(key, ttl)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = probe.seconds = _now() - start
+            probe.store = store_name(store)
+            probe.failed = error is not None
+            if hooks:
+                obs.replay_store_finished(handle, probe.store, seconds, error)
+
+    def _event(self, outcome: Outcome | None, seconds: float, probe: _Probe) -> RequestEvent:
+        """What the observers learn of one request: codes, status, scheme, thumbprint, times."""
+        store, took, failed = probe.store, probe.seconds, probe.failed
+        if outcome is None:  # an exception escaped (a bug): the server answers 500
+            return RequestEvent(
+                "error", "", 500, "", None, seconds, None, False, store, took, failed
+            )
+        refusal = outcome.refusal
+        if refusal is not None:
+            return RequestEvent(
+                "refused", refusal.error.reason, refusal.status, "", None, seconds, None,
+                _has_nonce(refusal.headers), store, took, failed,
+            )  # fmt: skip
+        result = outcome.result
+        if result is not None:
+            headers = outcome.response_headers
+            iat = result.proof_claims.get("iat")  # checked: a number (never a bool) or absent
+            offset = iat - self._clock() if type(iat) is int or type(iat) is float else None
+            return RequestEvent(
+                "accepted", "", 0, result.scheme, result.jkt, seconds, offset,
+                _has_nonce(headers) if headers else False, store, took, failed,
+            )  # fmt: skip
+        error = outcome.reported
+        if error is not None:
+            status = error.status
+            if self.settings.always_401 and status in (400, 403):
+                status = 401  # as Verifier.refusal would have sent it
+            return RequestEvent(
+                "would_refuse", error.reason, status, "", None, seconds, None, False,
+                store, took, failed,
+            )  # fmt: skip
+        return RequestEvent("passed", "", 0, "", None, seconds, None, False, store, took, failed)
+
+
+class _Probe:
+    """One observed request's replay-store call: a local of ``run_sync``/``run_async`` that the
+    store call fills in (class defaults: nothing recorded)."""
+
+    store = ""
+    seconds: float | None = None
+    failed = False
+
+
+_now = time.perf_counter
+
+
+def _has_nonce(headers: tuple[Header, ...]) -> bool:
+    return any(name == "dpop-nonce" for name, _ in headers)
 
 
 def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
@@ -312,6 +534,10 @@ def _log_skipped(uri: str | None, skipped: tuple[SkippedKey, ...]) -> None:
             uri or "<jwks setting>",
             _clip(each.kid) if each.kid is not None else "-",
             each.reason,
+            extra=log_extra(
+                "jwks_key_skipped",
+                {"uri": uri or "<jwks setting>", "kid": each.kid, "cause": each.reason},
+            ),
         )
 
 
@@ -335,6 +561,18 @@ def _ask_once(asked: set[type[Exception]], need: Exception) -> None:
         reason, description = _STILL_NEEDED[kind]
         raise ServiceUnavailableError(reason, description) from None
     asked.add(kind)
+
+
+def _fields(request: RequestInfo, error: DPoPError) -> dict[str, Any]:
+    """The refusal line's fields, for ``extra`` (dpop_middleware.logfields)."""
+    return {
+        "reason": error.reason,
+        "status": error.status,
+        "error": error.error,
+        "method": request.method,
+        "path": request.root_path + request.path,
+        "client": request.client_ip,
+    }
 
 
 def _store_down(exc: Exception) -> ServiceUnavailableError:

@@ -26,6 +26,7 @@ from typing import Any
 from dpop_middleware.core.verifier import EXPOSE_HEADERS, NO_STORE, DPoPResult, Refusal
 from dpop_middleware.errors import ConfigurationError, DPoPError, MissingCredentialsError
 from dpop_middleware.flow import ENGINE_KEY, Engine
+from dpop_middleware.logfields import log_extra
 from dpop_middleware.settings import ClaimRequirements
 
 logger = logging.getLogger("dpop_middleware")
@@ -82,6 +83,10 @@ def _without_middleware(error: DPoPError, path: str) -> Refusal:
         error.status,
         error.error,
         path[:200],
+        extra=log_extra(
+            "refused",
+            {"reason": error.reason, "status": error.status, "error": error.error, "path": path},
+        ),
     )
     body = {"error": error.error or "unauthorized", "error_description": error.description}
     headers = (

@@ -24,6 +24,7 @@ from dpop_middleware.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from dpop_middleware.core.metadata import ResourceMetadata
+    from dpop_middleware.observe import Observer
 
 #: Proof algorithms we can verify (RFC 7518, RFC 8037, RFC 9864). Never ``none``, never HMAC.
 SUPPORTED_ALGORITHMS: tuple[str, ...] = (
@@ -161,6 +162,11 @@ class Settings:
     key_cache_size: int = 1024
     token_cache_size: int = 10_000
     clock: Callable[[], float] = field(default=time.time)
+    #: Observers (dpop_middleware.observe), built at start-up from ``metrics``, ``tracing`` and
+    #: ``observers``; the Engine calls them, or nothing when all three are off.
+    metrics: Observer | None = None
+    tracing: Observer | None = None
+    observers: tuple[Observer, ...] = ()
 
     @property
     def algs_value(self) -> str:
@@ -711,4 +717,77 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         key_cache_size=_integer(raw, "key_cache_size", 1024, low=1, high=1_000_000),
         token_cache_size=_integer(raw, "token_cache_size", 10_000, low=0, high=10_000_000),
         clock=clock,
+        metrics=_metrics(raw.get("metrics")),
+        tracing=_tracing(raw.get("tracing")),
+        observers=_observers(raw.get("observers", ())),
     )
+
+
+# -- observability (dpop_middleware.observe): each integration imported only when turned on ----
+
+_METRICS_KEYS = ("registry",)
+_TRACING_KEYS = ("tracer_provider",)
+
+
+def _metrics(value: Any) -> Observer | None:
+    allowed = (
+        "False (off), True (Prometheus, the default registry) or {'registry': a "
+        "prometheus_client CollectorRegistry}"
+    )
+    if value is None or value is False:
+        return None
+    if value is not True and not isinstance(value, Mapping):
+        raise _fail("metrics", value, allowed)
+    options = {} if value is True else value
+    _unknown(list(options), _METRICS_KEYS, "metrics.")
+    try:
+        from dpop_middleware.prometheus import prometheus_observer
+    except ImportError as exc:
+        raise ConfigurationError(
+            "dpop_middleware setting 'metrics' needs prometheus_client: "
+            f"pip install 'dpop-middleware[prometheus]' ({exc})"
+        ) from exc
+    registry = options.get("registry")
+    if registry is not None and not callable(getattr(registry, "register", None)):
+        raise _fail("metrics.registry", registry, "a prometheus_client CollectorRegistry")
+    return prometheus_observer(registry)
+
+
+def _tracing(value: Any) -> Observer | None:
+    allowed = (
+        "False (off), True (OpenTelemetry, the global tracer provider) or "
+        "{'tracer_provider': an opentelemetry TracerProvider}"
+    )
+    if value is None or value is False:
+        return None
+    if value is not True and not isinstance(value, Mapping):
+        raise _fail("tracing", value, allowed)
+    options = {} if value is True else value
+    _unknown(list(options), _TRACING_KEYS, "tracing.")
+    try:
+        from dpop_middleware.otel import TracingObserver
+    except ImportError as exc:
+        raise ConfigurationError(
+            "dpop_middleware setting 'tracing' needs opentelemetry-api: "
+            f"pip install 'dpop-middleware[otel]' ({exc})"
+        ) from exc
+    provider = options.get("tracer_provider")
+    if provider is not None and not callable(getattr(provider, "get_tracer", None)):
+        raise _fail("tracing.tracer_provider", provider, "an opentelemetry TracerProvider")
+    return TracingObserver(provider)
+
+
+def _observers(value: Any) -> tuple[Observer, ...]:
+    from dpop_middleware.observe import OBSERVER_METHODS
+
+    allowed = (
+        "a list of observers: objects with the methods of dpop_middleware.observe.Observer "
+        "(subclass BaseObserver)"
+    )
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
+        raise _fail("observers", value, allowed)
+    for index, each in enumerate(value):
+        missing = [m for m in OBSERVER_METHODS if not callable(getattr(each, m, None))]
+        if missing:
+            raise _fail(f"observers[{index}]", each, f"{allowed}; missing {', '.join(missing)}")
+    return tuple(value)

@@ -47,6 +47,7 @@ from dpop_middleware.errors import (
     TokenVerifierError,
 )
 from dpop_middleware.fetch import FetchError, fetch_json, post_form
+from dpop_middleware.observe import Observer
 from dpop_middleware.settings import Settings, is_async_callable
 
 logger = logging.getLogger("dpop_middleware")
@@ -96,6 +97,8 @@ class TokenSources:
         self._metadata_lock = threading.Lock()
         self._async_metadata_lock: asyncio.Lock | None = None
         self._algorithms_checked = False
+        #: Set by the Engine when metrics or tracing are on.
+        self.observer: Observer | None = None
         self._flights: dict[bytes, _Flight] = {}
         self._flights_lock = threading.Lock()
         self._futures: dict[tuple[int, bytes], asyncio.Future[Entry]] = {}
@@ -110,7 +113,7 @@ class TokenSources:
         with self._metadata_lock:
             if discovery.attempted_at != need.seen:
                 return  # another thread fetched while we waited
-            self._fetch_metadata(need.urls)
+            self._observed_fetch_metadata(need.urls)
 
     async def refresh_metadata_async(self, need: MetadataFetchNeeded) -> None:
         discovery = self._discovery
@@ -120,9 +123,20 @@ class TokenSources:
         async with self._async_metadata_lock:
             if discovery.attempted_at != need.seen:
                 return
-            await asyncio.to_thread(self._fetch_metadata, need.urls)
+            await asyncio.to_thread(self._observed_fetch_metadata, need.urls)
 
-    def _fetch_metadata(self, urls: tuple[str, ...]) -> None:
+    def _observed_fetch_metadata(self, urls: tuple[str, ...]) -> None:
+        obs = self.observer
+        if obs is None:
+            self._fetch_metadata(urls)
+            return
+        handle, fetched = obs.fetch_started("metadata"), False
+        try:
+            fetched = self._fetch_metadata(urls)
+        finally:
+            obs.fetch_finished(handle, "metadata", "ok" if fetched else "error")
+
+    def _fetch_metadata(self, urls: tuple[str, ...]) -> bool:
         """Try each well-known URL in turn; load the first usable document (RFC 8414 section
         3.3), else record a failure and log every URL's cause in one line."""
         discovery = self._discovery
@@ -146,7 +160,7 @@ class TokenSources:
                         " ".join(metadata.dpop_algs or ()),
                         " ".join(self._settings.algorithms),
                     )
-            return
+            return True
         discovery.fetch_failed(now=self._clock())
         logger.error(
             "dpop metadata_fetch_failed issuer=%s: %s; next attempt in %g s at the earliest",
@@ -154,6 +168,7 @@ class TokenSources:
             "; ".join(causes),
             discovery.retry_delay,
         )
+        return False
 
     # -- token answers -------------------------------------------------------------------------
 

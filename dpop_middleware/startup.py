@@ -24,6 +24,8 @@ import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from dpop_middleware.logfields import log_extra
+
 logger = logging.getLogger("dpop_middleware")
 
 Scope = MutableMapping[str, Any]
@@ -70,7 +72,11 @@ class FailedStartup:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
-        logger.error("dpop startup_failed: %s", error)
+        logger.error(
+            "dpop startup_failed: %s",
+            error,
+            extra=log_extra("startup_failed", {"cause": str(error)}),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -42,8 +42,20 @@ def test_importing_the_package_pulls_in_no_framework() -> None:
     code = (
         "import sys, dpop_middleware, dpop_middleware.core.verifier, dpop_middleware.settings\n"
         "bad = [m for m in ('starlette', 'fastapi', 'werkzeug', 'flask', 'django', 'redis', 'httpx',"
-        " 'httpx2', 'mcp')"
+        " 'httpx2', 'mcp', 'prometheus_client', 'opentelemetry')"
         " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_observers_import_their_integration_only_when_turned_on() -> None:
+    code = (
+        "import sys, dpop_middleware.observe, dpop_middleware.flow\n"
+        "from dpop_middleware.testing import TokenIssuer\n"
+        "from dpop_middleware.settings import Settings\n"
+        "Settings.from_dict(TokenIssuer().settings(metrics=False, tracing=False))\n"
+        "bad = [m for m in ('prometheus_client', 'opentelemetry') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -551,3 +551,41 @@ def test_the_kit_answers_remove_members(kit: TokenIssuer, dpop_key: DPoPKey) -> 
     answer = kit.introspect(token)
     assert answer["active"] is True and "aud" not in answer
     assert answer["cnf"] == {"jkt": dpop_key.jkt} and answer["token_type"] == "DPoP"
+
+
+def test_introspection_and_metadata_are_counted_in_the_metrics(
+    server: AuthorizationServer, kit: TokenIssuer, clock: FrozenClock, dpop_key: DPoPKey
+) -> None:
+    """The token-sources metrics of issue 17, moved by real requests: the first request fetches
+    the metadata and introspects (a cache miss), the second is answered from the cache (a hit)."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    h = intro(server, clock, metrics={"registry": registry})
+    token = kit.opaque_token(bound_to=dpop_key)
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200
+    assert h.dpop(dpop_key, token, "GET", URL).status == 200
+
+    def value(name: str, **labels: str) -> float:
+        found = registry.get_sample_value(name, labels)
+        return 0.0 if found is None else found
+
+    assert value("dpop_metadata_fetch_total", result="ok") == 1
+    assert value("dpop_introspection_total", result="ok") == 1
+    assert value("dpop_introspection_cache_total", result="miss") == 1
+    assert value("dpop_introspection_cache_total", result="hit") == 1
+    assert len(server.introspection_requests) == 1
+
+
+def test_a_failed_introspection_is_counted_as_an_error(
+    kit: TokenIssuer, clock: FrozenClock, dpop_key: DPoPKey
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    with kit.serve() as server:
+        server.introspection_reply = (500, "application/json", b"{}")
+        h = intro(server, clock, metrics={"registry": registry})
+        answer = h.dpop(dpop_key, kit.opaque_token(bound_to=dpop_key), "GET", URL)
+    assert (answer.status, answer.reason) == (503, "introspection_unavailable")
+    assert registry.get_sample_value("dpop_introspection_total", {"result": "error"}) == 1

@@ -91,7 +91,9 @@ class VerifiedToken(NamedTuple):
     #: ``cnf.jkt`` as UTF-8 bytes (RFC 9449 section 6.1), or None for an unbound token.
     jkt: bytes | None
     ath: bytes
-    version: int  # the JWK Set version it was verified under (0 for a token_verifier)
+    #: The JWK Set version it was verified under (JWTs: 1 or more); 0 for an introspection or
+    #: ``token_verifier`` answer.
+    version: int
 
 
 class Accepted(NamedTuple):

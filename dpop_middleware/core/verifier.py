@@ -102,6 +102,8 @@ class Pending(NamedTuple):
     ttl: float
     #: Headers to add to the application's response (a fresh ``DPoP-Nonce`` and no-store).
     response_headers: tuple[Header, ...] = ()
+    #: The token was accepted on an introspection / ``token_verifier`` answer (not a JWT).
+    answered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +244,8 @@ class Verifier:
         if self._scope_rules is not None:
             # After every other check, before the replay record: a refusal burns no jti.
             self._check_scope_rules(request, result, self._scope_rules)
-        return Pending(result, replay_key, self._ttl, response_headers)
+        # version 0: an introspection / token_verifier answer (a JWT carries its JWK Set's, >= 1).
+        return Pending(result, replay_key, self._ttl, response_headers, verified.version == 0)
 
     @staticmethod
     def _check_scope_rules(request: RequestInfo, result: DPoPResult, rules: ScopeRules) -> None:
@@ -308,7 +311,8 @@ class Verifier:
             raise InvalidTokenError(
                 "downgrade", "DPoP-bound access token sent as a Bearer token", scheme="Bearer"
             )
-        return Pending(DPoPResult(verified.claims, None, "Bearer"), None, 0.0)
+        result = DPoPResult(verified.claims, None, "Bearer")
+        return Pending(result, None, 0.0, (), verified.version == 0)
 
     def authorize(
         self,

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from dpop_middleware.errors import ReplayStoreFullError
+from dpop_middleware.logfields import log_extra
 
 DEFAULT_MAX_ENTRIES = 1_000_000
 
@@ -103,6 +104,7 @@ class MemoryReplayStore:
             "than one worker, use a Redis replay_store (docs: Replay store and scaling out)",
             pid,
             why,
+            extra=log_extra("memory_replay_store_not_shared", {"pid": pid, "cause": why}),
         )
 
     def __len__(self) -> int:

@@ -55,6 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from dpop_middleware.errors import ConfigurationError, ReplayStoreError
+from dpop_middleware.logfields import log_extra
 from dpop_middleware.replay.failover import FailoverWatch
 
 if TYPE_CHECKING:
@@ -487,12 +488,20 @@ def _ping_on_startup(
             where,
             type(exc).__name__,
             exc,
+            extra=log_extra(
+                "replay_store_ping_failed",
+                {"backend": where, "cause": f"{type(exc).__name__}: {exc}"},
+            ),
         )
         raise ReplayStoreError(
             f"replay_store: PING to {where} failed at start-up (ping_on_startup=True): "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    logger.info("dpop replay_store_ping ok backend=%s", where)
+    logger.info(
+        "dpop replay_store_ping ok backend=%s",
+        where,
+        extra=log_extra("replay_store_ping", {"backend": where}),
+    )
     return built
 
 
@@ -604,6 +613,10 @@ class _Health:
                     type(exc).__name__,
                     exc,
                     self._more(),
+                    extra=log_extra(
+                        "replay_store_down",
+                        {"backend": self.where, "cause": f"{type(exc).__name__}: {exc}"},
+                    ),
                 )
                 self.reported_down = True
                 self._last_report = now
@@ -615,7 +628,10 @@ class _Health:
             if self.reported_down:
                 self.reported_down = False
                 logger.warning(
-                    "dpop replay_store_recovered backend=%s%s", self.where, self._more()
+                    "dpop replay_store_recovered backend=%s%s",
+                    self.where,
+                    self._more(),
+                    extra=log_extra("replay_store_recovered", {"backend": self.where}),
                 )
                 self._unlogged = 0
 
