@@ -302,69 +302,91 @@ class Engine:
     def _check_sync(self, request: RequestInfo) -> Pending | None:
         """``verifier.check``, fetching what the core asks for in between (the issuer's metadata,
         its JWK Set, a token's introspection or ``token_verifier`` answer), each at most once."""
+        keys = self._keys
+        seen = keys.attempted_at if keys is not None else 0.0
+        try:
+            pending = self.verifier.check(request, None)
+        except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
+            return self._fetch_and_check_sync(request, need, seen)
+        if pending is not None and pending.answered and self._observer is not None:
+            self._observer.introspection_cache(True)  # answered from the cache
+        return pending
+
+    def _fetch_and_check_sync(
+        self, request: RequestInfo, need: Exception, seen: float
+    ) -> Pending | None:
         answer: Answer | None = None
         asked: set[type[Exception]] = set()
         while True:
-            keys = self._keys
-            seen = keys.attempted_at if keys is not None else 0.0
-            try:
-                pending = self.verifier.check(request, answer)
-                if answer is None and pending is not None and pending.answered:
-                    self._observe_cache_hit()
-                return pending
-            except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
-                _ask_once(asked, need)
-                if isinstance(need, JWKSFetchNeeded):
-                    self.refresh_jwks_sync(need, seen)
-                elif isinstance(need, MetadataFetchNeeded):
-                    self._sources.refresh_metadata_sync(need)
-                elif self._observer is None:
+            _ask_once(asked, need)
+            if isinstance(need, JWKSFetchNeeded):
+                self.refresh_jwks_sync(need, seen)
+            elif isinstance(need, MetadataFetchNeeded):
+                self._sources.refresh_metadata_sync(need)
+            else:
+                assert isinstance(need, TokenAnswerNeeded)
+                obs = self._observer
+                if obs is None:
                     answer = (need.key, self._sources.answer_sync(need))
                 else:
-                    self._observer.introspection_cache(False)
-                    handle = self._observer.fetch_started("introspection")
+                    obs.introspection_cache(False)
+                    handle = obs.fetch_started("introspection")
                     result: FetchResult = "error"
                     try:
                         answer = (need.key, self._sources.answer_sync(need))
                         result = "ok"
                     finally:
-                        self._observer.fetch_finished(handle, "introspection", result)
-
-    async def _check_async(self, request: RequestInfo) -> Pending | None:
-        """:meth:`_check_sync` without blocking the event loop."""
-        answer: Answer | None = None
-        asked: set[type[Exception]] = set()
-        while True:
+                        obs.fetch_finished(handle, "introspection", result)
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
             try:
-                pending = self.verifier.check(request, answer)
-                if answer is None and pending is not None and pending.answered:
-                    self._observe_cache_hit()
-                return pending
-            except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
-                _ask_once(asked, need)
-                if isinstance(need, JWKSFetchNeeded):
-                    await self.refresh_jwks_async(need, seen)
-                elif isinstance(need, MetadataFetchNeeded):
-                    await self._sources.refresh_metadata_async(need)
-                elif self._observer is None:
+                return self.verifier.check(request, answer)
+            except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as again:
+                need = again
+
+    async def _check_async(self, request: RequestInfo) -> Pending | None:
+        """:meth:`_check_sync` without blocking the event loop."""
+        keys = self._keys
+        seen = keys.attempted_at if keys is not None else 0.0
+        try:
+            pending = self.verifier.check(request, None)
+        except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as need:
+            return await self._fetch_and_check_async(request, need, seen)
+        if pending is not None and pending.answered and self._observer is not None:
+            self._observer.introspection_cache(True)  # answered from the cache
+        return pending
+
+    async def _fetch_and_check_async(
+        self, request: RequestInfo, need: Exception, seen: float
+    ) -> Pending | None:
+        answer: Answer | None = None
+        asked: set[type[Exception]] = set()
+        while True:
+            _ask_once(asked, need)
+            if isinstance(need, JWKSFetchNeeded):
+                await self.refresh_jwks_async(need, seen)
+            elif isinstance(need, MetadataFetchNeeded):
+                await self._sources.refresh_metadata_async(need)
+            else:
+                assert isinstance(need, TokenAnswerNeeded)
+                obs = self._observer
+                if obs is None:
                     answer = (need.key, await self._sources.answer_async(need))
                 else:
-                    self._observer.introspection_cache(False)
-                    handle = self._observer.fetch_started("introspection")
+                    obs.introspection_cache(False)
+                    handle = obs.fetch_started("introspection")
                     result: FetchResult = "error"
                     try:
                         answer = (need.key, await self._sources.answer_async(need))
                         result = "ok"
                     finally:
-                        self._observer.fetch_finished(handle, "introspection", result)
-
-    def _observe_cache_hit(self) -> None:
-        """An accepted token answered from the introspection / token_verifier cache (a miss is
-        counted where the answer is asked for)."""
-        if self._observer is not None:
-            self._observer.introspection_cache(True)
+                        obs.fetch_finished(handle, "introspection", result)
+            keys = self._keys
+            seen = keys.attempted_at if keys is not None else 0.0
+            try:
+                return self.verifier.check(request, answer)
+            except (JWKSFetchNeeded, MetadataFetchNeeded, TokenAnswerNeeded) as again:
+                need = again
 
     # -- the request ---------------------------------------------------------------------------
 

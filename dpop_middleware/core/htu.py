@@ -257,6 +257,8 @@ def request_htu(
     if not host:
         raise InvalidRequestError("invalid_host", "The request has no Host header")
     try:
+        if len(host) + len(prefix) + len(path) <= _MEMO_CHARS:  # _memo's rule, inline
+            return _compose_memo(scheme, host, prefix, path)
         return _compose(scheme, host, prefix, path)
     except ValueError:
         raise InvalidRequestError(
@@ -287,11 +289,14 @@ def _check_prefix(request: RequestInfo, prefix: str, *, trusted: bool) -> None:
         )  # fmt: skip
 
 
-@_memo
 def _compose(scheme: str, host: str, prefix: str, path: str) -> str:
-    """The normalised ``scheme://authority/prefix/path`` (ValueError for a bad host): one memo
-    lookup per request for what is the same few strings on every request."""
+    """The normalised ``scheme://authority/prefix/path`` (ValueError for a bad host)."""
     return f"{scheme}://{_authority(scheme, host)}{normalize_path(prefix + path)}"
+
+
+#: One C-level memo lookup per request for what is the same few strings on every request
+#: (called directly, without :func:`_memo`'s wrapper, when the inputs are short: the hot path).
+_compose_memo = functools.lru_cache(maxsize=_MEMO_SIZE)(_compose)
 
 
 def check_htu(claimed: str, expected: str) -> None:

@@ -272,6 +272,8 @@ class IssuerKeys:
         #: The usable public signing keys; None until a JWK Set was loaded.
         self.key_set: tuple[ECKey | RSAKey | OKPKey | OctKey, ...] | None = None
         self.loaded_at = float("-inf")
+        #: ``loaded_at + cache_ttl``: before it the set is not due for a refresh (a fetched set).
+        self.fresh_until = float("-inf")
         self.attempted_at = float("-inf")
         #: Failed fetches in a row (a document that is not a usable JWK Set counts as one).
         self.failures = 0
@@ -293,6 +295,7 @@ class IssuerKeys:
                     f"dpop_middleware setting 'jwks': {exc}" + (f" ({why})" if why else "")
                 ) from exc
             self.uri = None
+            self.fresh_until = math.inf  # a fixed set is never refetched
 
     def load(self, jwks: Mapping[str, Any], *, now: float) -> tuple[SkippedKey, ...]:
         """Install a JWK Set document; return the keys it skipped (for the caller to log).
@@ -350,6 +353,7 @@ class IssuerKeys:
             self.fruitless += 1
         self._for_unknown_kid = False
         self.loaded_at = now
+        self.fresh_until = now + self.cache_ttl
         self.attempted_at = now
         self.failures = 0
         return self.skipped

@@ -166,12 +166,10 @@ class AccessTokenChecker:
         path, which fetches it; a changed set has a new version: no entry outlives its key."""
         entry = self._cache.get(authorization)
         keys = self.keys
-        if (
-            entry is not None
-            and keys is not None
-            and entry.version == keys.version
-            and not keys.fetch_due(None, now=now)
-        ):
+        if entry is None or keys is None or entry.version != keys.version:
+            return None
+        # Within the set's refresh time (the common case), no need to ask fetch_due.
+        if now < keys.fresh_until or not keys.fetch_due(None, now=now):
             return entry
         return None
 

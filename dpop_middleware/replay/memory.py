@@ -59,6 +59,19 @@ class _Generation:
         self.entries: dict[bytes, float] = {}
 
 
+#: Forks seen by this process (bumped in each child): ``add`` compares it with an int instead of
+#: calling ``os.getpid()``, a system call, on every request.
+_forks = 0
+
+
+def _after_fork_in_child() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class MemoryReplayStore:
     """Sync in-memory store (one process only: use Redis when several workers serve one API)."""
 
@@ -78,11 +91,12 @@ class MemoryReplayStore:
         self._generations: list[_Generation] = []
         self._size = 0
         self._built_pid = os.getpid()
-        self._seen_pid = 0  # the process of the last use: checked once per process
+        self._seen_forks = -1  # _forks at the last use: checked once per process
         self._warned_pid = 0
 
     def _first_use_in_process(self) -> None:
-        pid = self._seen_pid = os.getpid()
+        self._seen_forks = _forks
+        pid = os.getpid()
         if pid != self._built_pid:
             self.warn_shared(
                 f"process {pid} was forked after the store was built in process {self._built_pid}"
@@ -118,7 +132,7 @@ class MemoryReplayStore:
         # dropped with it, and until then answered as absent (exact per-entry expiry).
 
     def add(self, key: bytes, ttl: float) -> bool:
-        if self._seen_pid != os.getpid():
+        if self._seen_forks != _forks:
             self._first_use_in_process()
         short = key[:_KEY_BYTES]
         with self._lock:
