@@ -30,6 +30,7 @@ from dpop_middleware.observe import (
     Observer,
     RequestEvent,
     combine,
+    observed_fetch,
     overrides,
     store_name,
 )
@@ -267,16 +268,8 @@ class Engine:
         with self._sync_lock:
             if keys.attempted_at != seen_attempt:
                 return  # another thread fetched while we waited
-            obs = self._observer
-            if obs is None:
-                self._load_jwks(self._fetch(need.uri))
-                return
-            result: FetchResult = "error"
-            handle = obs.fetch_started("jwks")
-            try:
-                result = self._load_jwks(self._fetch(need.uri))
-            finally:
-                obs.fetch_finished(handle, "jwks", result)
+            with observed_fetch(self._observer, "jwks") as fetch:
+                fetch.result = self._load_jwks(self._fetch(need.uri))
 
     async def refresh_jwks_async(self, need: JWKSFetchNeeded, seen_attempt: float) -> None:
         keys = self.verifier.keys
@@ -286,16 +279,8 @@ class Engine:
         async with self._async_lock:
             if keys.attempted_at != seen_attempt:
                 return
-            obs = self._observer
-            if obs is None:
-                self._load_jwks(await asyncio.to_thread(self._fetch, need.uri))
-                return
-            result: FetchResult = "error"
-            handle = obs.fetch_started("jwks")
-            try:
-                result = self._load_jwks(await asyncio.to_thread(self._fetch, need.uri))
-            finally:
-                obs.fetch_finished(handle, "jwks", result)
+            with observed_fetch(self._observer, "jwks") as fetch:
+                fetch.result = self._load_jwks(await asyncio.to_thread(self._fetch, need.uri))
 
     # -- the core's check, with the I/O it asks for ---------------------------------------------
 
@@ -325,18 +310,11 @@ class Engine:
                 self._sources.refresh_metadata_sync(need)
             else:
                 assert isinstance(need, TokenAnswerNeeded)
-                obs = self._observer
-                if obs is None:
+                if self._observer is not None:
+                    self._observer.introspection_cache(False)
+                with observed_fetch(self._observer, "introspection") as fetch:
                     answer = (need.key, self._sources.answer_sync(need))
-                else:
-                    obs.introspection_cache(False)
-                    handle = obs.fetch_started("introspection")
-                    result: FetchResult = "error"
-                    try:
-                        answer = (need.key, self._sources.answer_sync(need))
-                        result = "ok"
-                    finally:
-                        obs.fetch_finished(handle, "introspection", result)
+                    fetch.result = "ok"
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
             try:
@@ -369,18 +347,11 @@ class Engine:
                 await self._sources.refresh_metadata_async(need)
             else:
                 assert isinstance(need, TokenAnswerNeeded)
-                obs = self._observer
-                if obs is None:
+                if self._observer is not None:
+                    self._observer.introspection_cache(False)
+                with observed_fetch(self._observer, "introspection") as fetch:
                     answer = (need.key, await self._sources.answer_async(need))
-                else:
-                    obs.introspection_cache(False)
-                    handle = obs.fetch_started("introspection")
-                    result: FetchResult = "error"
-                    try:
-                        answer = (need.key, await self._sources.answer_async(need))
-                        result = "ok"
-                    finally:
-                        obs.fetch_finished(handle, "introspection", result)
+                    fetch.result = "ok"
             keys = self._keys
             seen = keys.attempted_at if keys is not None else 0.0
             try:

@@ -16,6 +16,8 @@ them quick and non-blocking, and do not raise.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 #: What happened to a request the Engine ran. ``passed``: not protected (``exclude_paths``, a
@@ -82,6 +84,34 @@ class Observer(Protocol):
     def fetch_finished(self, handle: Any, kind: FetchKind, result: FetchResult) -> None: ...
 
     def introspection_cache(self, hit: bool) -> None: ...
+
+
+class FetchOutcome:
+    """What :func:`observed_fetch` reports; the fetching code sets ``result`` when it knows."""
+
+    __slots__ = ("result",)
+
+    def __init__(self) -> None:
+        self.result: FetchResult = "error"
+
+
+@contextmanager
+def observed_fetch(observer: Observer | None, kind: FetchKind) -> Iterator[FetchOutcome]:
+    """Time and count one fetch of ``kind`` (``fetch_started`` / ``fetch_finished``): the one
+    place the JWK Set, metadata and introspection fetches are observed. Without an observer it
+    only hands out the outcome to fill in. A fetch that raises is reported as ``"error"``."""
+    outcome = FetchOutcome()
+    if observer is None:
+        yield outcome
+        return
+    handle = observer.fetch_started(kind)
+    try:
+        yield outcome
+    except BaseException:
+        outcome.result = "error"
+        raise
+    finally:
+        observer.fetch_finished(handle, kind, outcome.result)
 
 
 class BaseObserver:

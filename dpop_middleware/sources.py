@@ -47,7 +47,7 @@ from dpop_middleware.errors import (
     TokenVerifierError,
 )
 from dpop_middleware.fetch import FetchError, fetch_json, post_form
-from dpop_middleware.observe import Observer
+from dpop_middleware.observe import Observer, observed_fetch
 from dpop_middleware.settings import Settings, is_async_callable
 
 logger = logging.getLogger("dpop_middleware")
@@ -126,15 +126,8 @@ class TokenSources:
             await asyncio.to_thread(self._observed_fetch_metadata, need.urls)
 
     def _observed_fetch_metadata(self, urls: tuple[str, ...]) -> None:
-        obs = self.observer
-        if obs is None:
-            self._fetch_metadata(urls)
-            return
-        handle, fetched = obs.fetch_started("metadata"), False
-        try:
-            fetched = self._fetch_metadata(urls)
-        finally:
-            obs.fetch_finished(handle, "metadata", "ok" if fetched else "error")
+        with observed_fetch(self.observer, "metadata") as fetch:
+            fetch.result = "ok" if self._fetch_metadata(urls) else "error"
 
     def _fetch_metadata(self, urls: tuple[str, ...]) -> bool:
         """Try each well-known URL in turn; load the first usable document (RFC 8414 section
