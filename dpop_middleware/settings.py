@@ -729,24 +729,38 @@ _METRICS_KEYS = ("registry",)
 _TRACING_KEYS = ("tracer_provider",)
 
 
+def _integration_options(
+    key: str, value: Any, allowed: str, known: Sequence[str]
+) -> Mapping[str, Any] | None:
+    """``metrics`` / ``tracing``: None when off, else the options dict (``True``: no options)."""
+    if value is None or value is False:
+        return None
+    if value is not True and not isinstance(value, Mapping):
+        raise _fail(key, value, allowed)
+    options: Mapping[str, Any] = {} if value is True else value
+    _unknown(list(options), known, f"{key}.")
+    return options
+
+
+def _missing(key: str, package: str, extra: str, exc: ImportError) -> ConfigurationError:
+    return ConfigurationError(
+        f"dpop_middleware setting {key!r} needs {package}: "
+        f"pip install 'dpop-middleware[{extra}]' ({exc})"
+    )
+
+
 def _metrics(value: Any) -> Observer | None:
     allowed = (
         "False (off), True (Prometheus, the default registry) or {'registry': a "
         "prometheus_client CollectorRegistry}"
     )
-    if value is None or value is False:
+    options = _integration_options("metrics", value, allowed, _METRICS_KEYS)
+    if options is None:
         return None
-    if value is not True and not isinstance(value, Mapping):
-        raise _fail("metrics", value, allowed)
-    options = {} if value is True else value
-    _unknown(list(options), _METRICS_KEYS, "metrics.")
     try:
         from dpop_middleware.prometheus import prometheus_observer
     except ImportError as exc:
-        raise ConfigurationError(
-            "dpop_middleware setting 'metrics' needs prometheus_client: "
-            f"pip install 'dpop-middleware[prometheus]' ({exc})"
-        ) from exc
+        raise _missing("metrics", "prometheus_client", "prometheus", exc) from exc
     registry = options.get("registry")
     if registry is not None and not callable(getattr(registry, "register", None)):
         raise _fail("metrics.registry", registry, "a prometheus_client CollectorRegistry")
@@ -758,19 +772,13 @@ def _tracing(value: Any) -> Observer | None:
         "False (off), True (OpenTelemetry, the global tracer provider) or "
         "{'tracer_provider': an opentelemetry TracerProvider}"
     )
-    if value is None or value is False:
+    options = _integration_options("tracing", value, allowed, _TRACING_KEYS)
+    if options is None:
         return None
-    if value is not True and not isinstance(value, Mapping):
-        raise _fail("tracing", value, allowed)
-    options = {} if value is True else value
-    _unknown(list(options), _TRACING_KEYS, "tracing.")
     try:
         from dpop_middleware.otel import TracingObserver
     except ImportError as exc:
-        raise ConfigurationError(
-            "dpop_middleware setting 'tracing' needs opentelemetry-api: "
-            f"pip install 'dpop-middleware[otel]' ({exc})"
-        ) from exc
+        raise _missing("tracing", "opentelemetry-api", "otel", exc) from exc
     provider = options.get("tracer_provider")
     if provider is not None and not callable(getattr(provider, "get_tracer", None)):
         raise _fail("tracing.tracer_provider", provider, "an opentelemetry TracerProvider")
