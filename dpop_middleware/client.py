@@ -567,10 +567,21 @@ class TokenClient:
                         self._fallback(error, grant, len(grants) - index - 1)
             raise TokenError("invalid_grant", "no grant left to try")  # pragma: no cover
 
+    def _discovered(self, url: str, status: int, content: bytes, tried: list[str]) -> str | None:
+        """The token endpoint from one metadata answer (sync and async discovery alike), or None
+        with the reason added to ``tried``."""
+        assert self.issuer is not None
+        if status != 200:
+            tried.append(f"{url} answered {status}")
+            return None
+        endpoint = check_metadata(_json_body(content), self.issuer, self.key.alg, self.auth_method)
+        self.token_endpoint = endpoint
+        return endpoint
+
     def _discover(self, client: httpx_types.Client) -> str:
         assert self.issuer is not None
         httpx = _httpx()
-        tried = []
+        tried: list[str] = []
         for url in metadata_urls(self.issuer):
             try:
                 response = client.get(url, headers={"Accept": "application/json"})
@@ -578,14 +589,9 @@ class TokenClient:
                 raise DiscoveryError(
                     "discovery_failed", f"GET {url}: {type(exc).__name__}"
                 ) from exc
-            if response.status_code != 200:
-                tried.append(f"{url} answered {response.status_code}")
-                continue
-            endpoint = check_metadata(
-                _json_body(response.content), self.issuer, self.key.alg, self.auth_method
-            )
-            self.token_endpoint = endpoint
-            return endpoint
+            endpoint = self._discovered(url, response.status_code, response.content, tried)
+            if endpoint is not None:
+                return endpoint
         raise DiscoveryError("discovery_failed", "; ".join(tried))
 
     def _post(
@@ -637,7 +643,7 @@ class TokenClient:
     async def _adiscover(self, client: httpx_types.AsyncClient) -> str:
         assert self.issuer is not None
         httpx = _httpx()
-        tried = []
+        tried: list[str] = []
         for url in metadata_urls(self.issuer):
             try:
                 response = await client.get(url, headers={"Accept": "application/json"})
@@ -645,14 +651,9 @@ class TokenClient:
                 raise DiscoveryError(
                     "discovery_failed", f"GET {url}: {type(exc).__name__}"
                 ) from exc
-            if response.status_code != 200:
-                tried.append(f"{url} answered {response.status_code}")
-                continue
-            endpoint = check_metadata(
-                _json_body(response.content), self.issuer, self.key.alg, self.auth_method
-            )
-            self.token_endpoint = endpoint
-            return endpoint
+            endpoint = self._discovered(url, response.status_code, response.content, tried)
+            if endpoint is not None:
+                return endpoint
         raise DiscoveryError("discovery_failed", "; ".join(tried))
 
     async def _apost(
