@@ -37,7 +37,9 @@ def port(
     kind, target = request.param
     folder = tmp_path_factory.mktemp("routed")
     settings = session_issuer.settings(
-        exclude_paths=["/health"], nonce={"secret": NONCE_SECRET, "required": ["/api"]}
+        exclude_paths=["/health"],
+        nonce={"secret": NONCE_SECRET, "required": ["/api"]},
+        required_scopes=[{"path": "/files/secret", "scopes": ["admin"]}],
     )
     (folder / "settings.json").write_text(json.dumps(settings))
     with pytest.MonkeyPatch.context() as mp:
@@ -164,3 +166,16 @@ def test_a_client_cannot_move_the_mount_prefix(
         assert (status, answer["p"]) == (200, "admin/purge")
     else:  # the server moved the prefix (gunicorn): refused, never the purge handler
         assert (status, answer["error"]) == (400, "invalid_request"), raw
+
+
+@pytest.mark.parametrize("target", ["/files/secret", "/files%2Fsecret", "/files/secre%74"])
+def test_required_scopes_match_the_routed_path(
+    port: int, issuer: TokenIssuer, dpop_key: DPoPKey, target: str
+) -> None:
+    """A required_scopes rule is matched like exclude_paths: every spelling the app routes to
+    /files/secret needs the scope (the token has only "read")."""
+    url = f"http://127.0.0.1:{port}{target}"
+    status, headers, raw = send(port, "GET", target, dpop_headers(issuer, dpop_key, "GET", url))
+    assert (status, body(raw)["error"]) == (403, "insufficient_scope"), raw
+    (challenge,) = [v for k, v in headers if k == "www-authenticate"]
+    assert 'scope="admin"' in challenge
